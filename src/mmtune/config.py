@@ -1,0 +1,266 @@
+"""Typed recipe schema. Each field is documented once, here, next to the field.
+
+A recipe is a YAML file validated against :class:`Recipe`. Unknown keys and bad values are
+errors that name the key (dotted path), the allowed values and the nearest valid name.
+Command-line overrides are dotted ``key=value`` pairs whose values are parsed as YAML.
+Validation lives here and only here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .registry import did_you_mean
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    path: str = Field("builtin:tiny", description="Local Hugging Face model directory, or `builtin:tiny` "
+                      "for the tiny Llama-style model mmtune builds in code (no download).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype. `auto`: bfloat16 on a GPU that supports it, else float32.")
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        "none", description="Load the base weights in 4 bit with bitsandbytes (QLoRA). Needs the `qlora` extra.")
+    double_quant: bool = Field(True, description="QLoRA double quantization of the quantization constants.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: str = Field("sdpa", description="transformers attention kernel: sdpa | eager | "
+                                     "flash_attention_2 | flex_attention.")
+    freeze: list[str] = Field(default_factory=list, description="Glob patterns of parameter names to freeze "
+                              "(full fine-tuning), e.g. `model.embed_tokens.*`.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped in the model dir.")
+
+
+class AdapterConfig(Section):
+    type: Literal["lora", "none"] = Field("lora", description="`lora` trains PEFT LoRA adapters; `none` trains "
+                                          "the full weights (minus `model.freeze`).")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targets: str | list[str] = Field("all-linear", description="Module names to adapt, or `all-linear` "
+                                     "(every linear layer except the output head).")
+    rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha/sqrt(r) (Kalajdzievski 2023).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA, Liu et al. 2024).")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the "
+                                       "adapter and saved with it (e.g. `lm_head` after adding tokens).")
+
+
+class SourceConfig(Section):
+    path: str = Field(description="JSON, JSONL, Parquet file, a `datasets` directory saved with "
+                      "`save_to_disk`, or `builtin:NAME` for a built-in dataset.")
+    format: str = Field("auto", description="Record format: auto | alpaca | sharegpt | messages | text.")
+    weight: float | None = Field(None, gt=0, description="Share of this source in the mixture (normalised over "
+                                 "sources that set it). Mutually exclusive with `repeat`.")
+    repeat: float = Field(1.0, gt=0, description="How many times the source is used per epoch (fractions sample).")
+    max_records: int | None = Field(None, gt=0, description="Use at most this many records.")
+    text_field: str = Field("text", description="Field holding the document for the `text` format.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list, description="Training sources (a mixture).")
+    eval_sources: list[SourceConfig] = Field(default_factory=list, description="Held-out evaluation sources.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Split this fraction of training records off "
+                                 "for evaluation when no eval_sources are given.")
+    template: str = Field("auto", description="Chat template: `auto` (the tokenizer's own `chat_template`, "
+                          "else chatml) or a built-in: chatml | llama3 | internlm2 | phi3.")
+    system_prompt: str | None = Field(None, description="Default system prompt for records that have none.")
+    max_length: int = Field(1024, gt=8, description="Max tokens per sample, and per packed row.")
+    packing: bool = Field(True, description="Pack samples into rows of max_length (best-fit-decreasing), "
+                          "position ids restart per sample, no attention across samples.")
+    loss_on: Literal["assistant", "all", "last_turn"] = Field(
+        "assistant", description="Tokens that carry loss: every assistant turn (default), the whole "
+        "sequence (train on prompt), or the last assistant turn only.")
+    truncation: bool = Field(False, description="Cut samples longer than max_length (dropping, counting and "
+                             "reporting any left with no supervised token). When false an overlong sample is "
+                             "a bad record.")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="Stop at the first bad record with "
+                                                   "file, line and problem, or skip bad records and report "
+                                                   "counts per reason.")
+    num_proc: int = Field(1, ge=1, description="Tokenization worker processes.")
+    cache_dir: str | None = Field(".cache/mmtune", description="Tokenized-data cache, keyed by content hash. "
+                                  "null disables it.")
+    add_eos: bool = Field(True, description="Text format: add EOS after each document (BOS too if the "
+                          "tokenizer has one).")
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("runs/default", description="Checkpoints, logs and reports go here.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(4, gt=0, description="Rows (packed) or samples (unpacked) per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear warmup as a fraction of total steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm; null disables.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on GPUs "
+                                                        "that support it, fp32 on CPU.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate (loss + sample generations) every N steps.")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (and always at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints to keep.")
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="On a NaN/inf loss: stop naming the step, "
+                                                "or skip the step and count it.")
+    eval_prompts: list[str] = Field(default_factory=list, description="Prompts to generate from at each eval "
+                                    "(like XTuner's evaluation_inputs).")
+    max_new_tokens: int = Field(48, gt=0, description="Generation length for eval prompts.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Recipe(Section):
+    objective: str = Field("sft", description="Training objective: sft | pretrain (and the objectives other "
+                           "parts of mmtune register).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from .train.objectives import OBJECTIVES
+
+        OBJECTIVES.get(v)  # raises ConfigError with the valid names
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (a pydantic error location) inside ``model_cls``."""
+    cls = model_cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann] + list(inner or [])
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        cls = nxt
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str, model_cls=None) -> str:
+    model_cls = model_cls or Recipe
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(model_cls, loc)
+            hint = did_you_mean(loc[-1], valid)
+            lines.append(f"{source}: unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            got = e.get("input")
+            opts = [o.strip().strip("'") for o in str(allowed).replace(" or ", ",").split(",")]
+            lines.append(f"{source}: '{key}' = {got!r} is not allowed; allowed values: {allowed}.{did_you_mean(got, opts)}")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if k.isdigit() and isinstance(node, list):
+                node = node[int(k)]
+                continue
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        last = keys[-1]
+        if last.isdigit() and isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (see ``mmtune config list``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPE_DIR / f"{name_or_path}.yaml", RECIPE_DIR / name_or_path):
+        if cand.is_file():
+            return cand
+    names = list_recipes()
+    raise ConfigError(f"no recipe file '{name_or_path}' and no shipped recipe of that name.{did_you_mean(name_or_path, names)} "
+                      f"Shipped recipes: {', '.join(names)}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, model_cls: type[BaseModel] | None = None):
+    """Load, override and validate a recipe. Raises :class:`ConfigError` naming the bad key."""
+    path = resolve_recipe_path(name_or_path)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return validate_recipe(data, str(path), model_cls)
+
+
+def validate_recipe(data: dict, source: str = "<recipe>", model_cls: type[BaseModel] | None = None):
+    model_cls = model_cls or Recipe
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source, model_cls)) from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,1 @@
+"""Data engine: record formats, sources and mixtures, chat templates, tokenization, packing."""

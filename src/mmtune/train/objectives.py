@@ -1,0 +1,84 @@
+"""Training objectives: what a batch's loss is.
+
+An objective returns the *sum* of its per-item losses and the number of items (tokens for a
+language model), so the loop can normalise by the number of items in the whole optimizer
+step, across micro-batches and processes. That makes gradient accumulation and data
+parallelism give the same update as one large batch (the same fix as transformers'
+``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import Registry
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar, sum over items
+    count: torch.Tensor | int  # items the sum is over
+    outputs: object = None  # the model outputs, for continual-learning plugins
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """Interface of every objective. ``count(batch)`` must be computable before the forward
+    pass (the loop normalises by the step's total before calling the objective)."""
+
+    name = "base"
+
+    @abc.abstractmethod
+    def count(self, batch: dict) -> int:
+        """Items (e.g. supervised tokens) the batch's loss sums over."""
+
+    @abc.abstractmethod
+    def __call__(self, model, batch: dict) -> LossOutput:
+        """Forward ``batch`` through ``model`` and return the summed loss."""
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy and the number of supervised tokens.
+
+    ``labels`` are aligned with the inputs (Hugging Face convention); position t's logits
+    predict labels[t+1]; -100 marks positions without loss.
+    """
+    logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    target = labels[:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return loss, (target != -100).sum()
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys a causal LM forward takes. Packed batches carry position_ids and no attention
+    mask: transformers then isolates the samples of a row (block-diagonal attention) only when
+    no attention_mask is passed and use_cache is False."""
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k] for k in keys if k in batch and batch[k] is not None}
+
+
+@OBJECTIVES.register("sft")
+class CausalLMObjective(Objective):
+    """Next-token cross-entropy on the positions whose label is not -100. Used for instruction
+    SFT (labels only on answers) and continued pretraining (labels on every token)."""
+
+    name = "sft"
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def __call__(self, model, batch: dict) -> LossOutput:
+        out = model(**model_inputs(batch), use_cache=False)
+        loss_sum, n = shifted_token_loss(out.logits, batch["labels"])
+        return LossOutput(loss_sum, n, out)
+
+
+OBJECTIVES.register("pretrain")(CausalLMObjective)
