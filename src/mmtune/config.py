@@ -122,6 +122,16 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the KL pull towards the reference.")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid DPO (Rafailov 2023) or IPO "
+                                                 "(Azar 2023).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed rate of flipped "
+                                   "preference labels.")
+    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training and "
+                                 "cache them in the examples (saves a forward pass per step).")
+
+
 class Recipe(Section):
     objective: str = Field("sft", description="Training objective: sft | pretrain (and the objectives other "
                            "parts of mmtune register).")
@@ -129,12 +139,21 @@ class Recipe(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference tuning settings (objective: dpo).")
+    encoder: EncoderConfig | None = Field(None, description="BERT-family encoder settings (masking, NSP/SOP, "
+                                          "ELECTRA, downstream heads); see mmtune/encoders/config.py.")
+    continual: ContinualConfig | None = Field(None, description="Continual learning: an ordered sequence of "
+                                              "tasks and a strategy (`mmtune continual RECIPE`); see "
+                                              "mmtune/continual/config.py.")
+    distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig(), description="Several "
+                                           "processes/GPUs (DDP, FSDP2, DeepSpeed ZeRO); see mmtune/distributed.py.")
 
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, v: str) -> str:
-        from .train.objectives import OBJECTIVES
+        from .train.objectives import OBJECTIVES, register_all
 
+        register_all()
         OBJECTIVES.get(v)  # raises ConfigError with the valid names
         return v
 
@@ -193,6 +212,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
     return key.strip().split("."), parsed
 
 
@@ -202,10 +226,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         keys, value = parse_override(item)
         node = data
         for k in keys[:-1]:
-            if k.isdigit() and isinstance(node, list):
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ConfigError(f"override '{item}': '{k}' is not an index of the list (0..{len(node) - 1})")
                 node = node[int(k)]
                 continue
-            if not isinstance(node.get(k), dict):
+            if not isinstance(node.get(k), (dict, list)):
                 node[k] = {}
             node = node[k]
         last = keys[-1]
@@ -264,3 +290,11 @@ def validate_recipe(data: dict, source: str = "<recipe>", model_cls: type[BaseMo
         raise ConfigError(format_validation_error(e, source, model_cls)) from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+# Sections that live with their features; resolve the forward references once all exist.
+from .continual.config import ContinualConfig  # noqa: E402
+from .encoders.config import EncoderConfig  # noqa: E402
+from .distributed import DistributedConfig  # noqa: E402
+
+Recipe.model_rebuild()

@@ -86,6 +86,40 @@ def instruction_mix(split: str, n_per_task: int, seed: int = 0, tasks=TASKS) -> 
     return rows
 
 
+def _wrong_answer(item: dict, rng: random.Random) -> str:
+    """A plausible wrong answer for a built-in item (the rejected side of a preference pair)."""
+    task, right = item["task"], item["output"]
+    if task == "add":
+        return str(max(0, int(right) + rng.choice([-10, -2, -1, 1, 2, 10])))
+    if task == "reverse":
+        words = right.split()
+        wrong = list(reversed(words))  # the original order: a typical mistake
+        return " ".join(wrong if wrong != words else words[1:] + words[:1])
+    return rng.choice([c for c in CAPITALS.values() if c != right])
+
+
+def preference_pairs(split: str, n_per_task: int, seed: int = 0, tasks=TASKS) -> list[dict]:
+    """Preference records {prompt, chosen, rejected, task}: the correct answer is preferred over a
+    wrong one (the Phi-4 recipe's "corrected output preferred over the wrong one")."""
+    rng = random.Random(f"pairs-{seed}-{split}")
+    rows = []
+    for item in instruction_mix(split, n_per_task, seed + 1, tasks):
+        rows.append({"prompt": item["instruction"], "chosen": item["output"],
+                     "rejected": _wrong_answer(item, rng), "task": item["task"]})
+    return rows
+
+
+def cot_items(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Addition with a chain-of-thought rationale before the final answer ("Answer: X")."""
+    rows = []
+    for item in task_items("add", split, n, seed):
+        a, b = (int(x) for x in item["instruction"][len("What is "):-1].split(" + "))
+        ta, tb, oa, ob = a // 10 * 10, b // 10 * 10, a % 10, b % 10
+        rationale = f"Tens: {ta} + {tb} = {ta + tb}. Ones: {oa} + {ob} = {oa + ob}. {ta + tb} + {oa + ob} = {a + b}."
+        rows.append({**item, "output": f"{rationale} Answer: {a + b}", "answer": str(a + b), "task": "cot-add"})
+    return rows
+
+
 def corpus(n_docs: int = 600, seed: int = 0) -> list[str]:
     """Short documents for continued pretraining: capital facts, counting, simple sentences."""
     rng = random.Random(f"corpus-{seed}")
@@ -116,20 +150,25 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
     """Records for ``builtin:NAME`` sources.
 
     Names: ``corpus`` (text documents), ``instruct`` / ``instruct-eval`` (all tasks),
-    ``TASK`` / ``TASK-eval`` for one task (add, reverse, capital).
+    ``TASK`` / ``TASK-eval`` for one task (add, reverse, capital), ``prefs`` / ``prefs-eval``
+    (preference pairs), ``cot-add`` / ``cot-add-eval`` (addition with a rationale).
     """
     if name == "corpus":
         return [{"text": d} for d in corpus(seed=seed)]
     split = "eval" if name.endswith("-eval") else "train"
     base = name[: -len("-eval")] if split == "eval" else name
     n = 60 if split == "eval" else 400
+    if base == "prefs":
+        return preference_pairs(split, n, seed)
+    if base == "cot-add":
+        return cot_items(split, n, seed)
     if base == "instruct":
         return instruction_mix(split, n, seed)
     if base in TASKS:
         return task_items(base, split, n, seed)
-    raise ValueError(f"unknown built-in dataset {name!r}; valid: corpus, instruct, "
-                     + ", ".join(TASKS) + " (append -eval for held-out items)")
+    raise ValueError(f"unknown built-in dataset {name!r}; valid: {', '.join(builtin_names())}")
 
 
 def builtin_names() -> list[str]:
-    return ["corpus", "instruct", "instruct-eval"] + [t for t in TASKS] + [f"{t}-eval" for t in TASKS]
+    names = ["instruct", "prefs", "cot-add", *TASKS]
+    return ["corpus"] + [v for n in names for v in (n, f"{n}-eval")]

@@ -11,6 +11,11 @@ Layout of one checkpoint (``OUTPUT/checkpoints/step-00000012/``)::
 
 A checkpoint is written into ``.tmp-step-*`` and renamed into place only when complete, so
 ``--resume`` can never pick up a half-written one; older ones beyond ``keep_last`` are pruned.
+
+Sharded runs (FSDP2, DeepSpeed ZeRO-3) write the same layout: every rank takes part in
+gathering the full weights (:func:`full_model_state_dict`) and the full optimizer state keyed
+by parameter name (:func:`optimizer_state_dict`), rank 0 writes them. Loading re-shards, so a
+checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -32,18 +37,131 @@ def _is_hf(model) -> bool:
     return hasattr(model, "save_pretrained")
 
 
-def save_model(model, out: Path) -> None:
+def save_model(model, out: Path, state_dict: dict | None = None) -> None:
+    """``state_dict``: the full weights of a sharded model (:func:`full_model_state_dict`);
+    None reads them from ``model``."""
     out.mkdir(parents=True, exist_ok=True)
     if _is_hf(model):
-        model.save_pretrained(out, safe_serialization=True)
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(out, safe_serialization=True, **kwargs)
     else:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
+        state = model.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- sharded models
+# FSDP2 parameters are DTensors (each rank holds a shard); DeepSpeed ZeRO-3 parameters are
+# empty placeholders with the shard in ``param.ds_tensor``. Saving gathers full tensors,
+# loading scatters them back. These helpers are collective: call them on every rank.
+
+
+def _is_dtensor_sharded(model) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _is_zero3(model) -> bool:
+    return any(hasattr(p, "ds_id") and hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def full_model_state_dict(model) -> dict | None:
+    """The full (unsharded) weights of a sharded model, on CPU on rank 0 ({} on the others);
+    None when every rank already holds the full weights (save_pretrained reads the model).
+
+    A PEFT model only gathers its trainable tensors (the adapter that save_pretrained writes),
+    not the frozen base model.
+    """
+    only_trainable = hasattr(model, "peft_config")
+    if _is_dtensor_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=only_trainable)
+        return get_model_state_dict(model, options=opts)
+    if _is_zero3(model):
+        import deepspeed
+        import torch.distributed as dist
+
+        params = [p for p in model.parameters() if p.requires_grad or not only_trainable]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if dist.get_rank() != 0:
+                return {}
+            keep = {id(p) for p in params}
+            named = dict(model.named_parameters())
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                    if k not in named or id(named[k]) in keep}
+    return None
+
+
+def _full_to_local(model):
+    """A load_state_dict pre-hook on the root of a DTensor-sharded model: full tensors from a
+    checkpoint become DTensors laid out like the parameters they load into (every rank has
+    read the whole file, so each keeps its own shard without communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+
+    def hook(module, state_dict, prefix, *args):
+        for key, value in list(state_dict.items()):
+            p = params.get(key[len(prefix):])
+            if isinstance(p, DTensor) and torch.is_tensor(value) and not isinstance(value, DTensor):
+                value = value.to(device=p.device, dtype=p.dtype)
+                state_dict[key] = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+
+    return model.register_load_state_dict_pre_hook(hook)
+
+
+def _loading_into(model):
+    """Context for loading full weights into ``model`` whatever its sharding."""
+    from contextlib import contextmanager, nullcontext
+
+    if _is_zero3(model):
+        import deepspeed
+
+        # Gather, let rank 0's load stand (all ranks read the same file), re-partition on exit.
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+    if not _is_dtensor_sharded(model):
+        return nullcontext()
+
+    @contextmanager
+    def hooked():
+        handle = _full_to_local(model)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    return hooked()
+
+
+def optimizer_state_dict(model, optimizer) -> dict:
+    """The optimizer state keyed by parameter name, unsharded (on rank 0 under FSDP2), so that
+    it loads into any number of processes. Optimizers that gather their own state (the
+    DeepSpeed ZeRO wrapper in mmtune.distributed) are asked directly."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state_dict(model, optimizer, state: dict) -> None:
+    """Load what :func:`optimizer_state_dict` wrote (re-sharding under FSDP2); older
+    checkpoints keyed by parameter index load as they are."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or all(isinstance(k, int) for k in state.get("state", {})):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def load_model_weights(model, src: Path) -> None:
     """Load weights written by :func:`save_model` into an already built ``model``."""
     src = Path(src)
+    with _loading_into(model):
+        _load_weights(model, src)
+
+
+def _load_weights(model, src: Path) -> None:
     if (src / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
 
@@ -80,8 +198,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dict, *, tokenizer=None,
                     recipe: dict | None = None, meta: dict | None = None, keep_last: int = 2,
-                    name: str | None = None) -> Path:
-    """Write a complete checkpoint atomically and prune old ones. Returns its directory."""
+                    name: str | None = None, model_state: dict | None = None) -> Path:
+    """Write a complete checkpoint atomically and prune old ones. Returns its directory.
+
+    ``model_state``: full weights gathered from a sharded model (see :func:`save_model`)."""
     root = Path(output_dir) / "checkpoints" if name is None else Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final_name = name or f"step-{step:08d}"
@@ -89,7 +209,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, tmp / "model")
+    save_model(model, tmp / "model", model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
     if recipe is not None:

@@ -34,7 +34,15 @@ import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..errors import MMTuneError
-from .checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
+from .checkpoint import (
+    full_model_state_dict,
+    latest_checkpoint,
+    load_model_weights,
+    load_optimizer_state_dict,
+    load_trainer_state,
+    optimizer_state_dict,
+    save_checkpoint,
+)
 from .metrics_log import MetricsLogger
 from .objectives import LossOutput, Objective
 from .optim import build_optimizer, build_scheduler
@@ -157,7 +165,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step, "micro": self.micro, "skipped_steps": self.skipped_steps,
-            "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+            # Keyed by parameter name and unsharded, so it resumes on any number of processes.
+            "tokens_seen": self.tokens_seen, "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "history": self.history,
             "plugins": [p.state_dict() if hasattr(p, "state_dict") else None for p in self.plugins],
             "total_steps": self.total_steps,
@@ -166,7 +175,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.micro = state["step"], state["micro"]
         self.skipped_steps, self.tokens_seen = state["skipped_steps"], state["tokens_seen"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state.get("history", [])
         for p, s in zip(self.plugins, state.get("plugins", [])):
@@ -175,12 +184,15 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, name: str | None = None) -> Path | None:
-        """Write a checkpoint (rank 0 only; every rank waits for it)."""
+        """Write a checkpoint (rank 0 writes; every rank waits for it)."""
         path = None
+        # Gathering sharded (FSDP2 / ZeRO-3) weights and optimizer state is collective: every
+        # rank takes part, rank 0 receives the full tensors and writes them.
+        state, weights = self.state_dict(), full_model_state_dict(self.model)
         if self.rank == 0:
-            path = save_checkpoint(self.out, self.step, self.model, self.state_dict(), tokenizer=self.tokenizer,
+            path = save_checkpoint(self.out, self.step, self.model, state, tokenizer=self.tokenizer,
                                    recipe=self.recipe, meta={**self.meta, "world_size": self.world},
-                                   keep_last=self.cfg.keep_last, name=name)
+                                   keep_last=self.cfg.keep_last, name=name, model_state=weights)
         if self.world > 1:
             dist.barrier()
         return path
@@ -209,7 +221,7 @@ class Trainer:
         self.train_module.train()
         batches = [self._micro_batch(self.micro + i) for i in range(cfg.grad_accum)]
         total = self._step_count(batches)
-        loss_total, terms_total, n_tokens = 0.0, {}, 0
+        loss_total, terms_total, n_tokens, obj_metrics = 0.0, {}, 0, {}
         finite = True
         for i, batch in enumerate(batches):
             sync = nullcontext()
@@ -229,6 +241,8 @@ class Trainer:
                     break
                 loss.backward()
             loss_total += float(out.loss_sum.detach())
+            for k, v in out.metrics.items():  # objective metrics (e.g. DPO rewards): mean over micro-batches
+                obj_metrics[k] = obj_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
             if "input_ids" in batch:
                 n_tokens += int(batch["input_ids"].numel() if "attention_mask" not in batch
                                 else batch["attention_mask"].sum())
@@ -254,7 +268,9 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm is not None:
             params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # Under FSDP2 the norm is a DTensor reduced over the shards of all ranks.
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,6 +284,7 @@ class Trainer:
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm
         metrics.update(terms_total)
+        metrics.update(obj_metrics)
         return metrics
 
     @torch.no_grad()

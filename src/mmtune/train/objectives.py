@@ -82,3 +82,15 @@ class CausalLMObjective(Objective):
 
 
 OBJECTIVES.register("pretrain")(CausalLMObjective)
+
+
+def register_all() -> None:
+    """Import the modules that register objectives outside this file (DPO, encoder objectives)."""
+    import importlib
+
+    for mod in ("mmtune.train.dpo", "mmtune.encoders.objectives"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is None or not mod.startswith(e.name):
+                raise

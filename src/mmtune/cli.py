@@ -1,0 +1,269 @@
+"""`mmtune` command line. Every command has --help; heavy modules are imported lazily.
+
+User errors (a bad recipe, a missing file, a malformed record) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from .errors import MMTuneError
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      mmtune demo                                  # the built-in end-to-end demo (CPU, minutes)
+      mmtune config list                           # shipped recipes
+      mmtune config copy sft-lora my.yaml          # copy one to edit
+      mmtune data inspect my.yaml                  # see how records are templated and which tokens carry loss
+      mmtune train my.yaml train.lr=1e-4          # train, with dotted overrides
+      mmtune train my.yaml --resume                # continue exactly where it stopped
+      mmtune export runs/x/checkpoints/step-00000100 out/adapter
+      mmtune merge runs/x/final out/merged --dtype bfloat16
+      mmtune chat out/merged
+    """)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of recipe fields, e.g. train.lr=1e-4 data.max_length=512")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mmtune", description="Fine-tune Hugging Face models on hardware you can afford.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    ap.add_argument("--version", action="version", version=f"mmtune {__import__('mmtune').__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a recipe (SFT, continued pretraining, DPO, encoder objectives)",
+                       description="Train RECIPE (a YAML file or a shipped recipe name). Checkpoints, "
+                       "metrics.jsonl and reports go to train.output_dir.")
+    p.add_argument("recipe", help="recipe YAML path or shipped recipe name (see `mmtune config list`)")
+    _add_overrides(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from the latest checkpoint in output_dir (or from CKPT)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh even if output_dir already holds checkpoints (they are deleted)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
+
+    p = sub.add_parser("export", help="training checkpoint -> standard HF adapter (or model) directory",
+                       description="Convert a training checkpoint (OUTPUT/checkpoints/step-N or OUTPUT/final) "
+                       "into a standard Hugging Face directory: a PEFT adapter dir for LoRA runs, a full model "
+                       "dir for full fine-tuning. Like `xtuner convert pth_to_hf`.")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+
+    p = sub.add_parser("merge", help="base + LoRA adapter -> full HF model directory",
+                       description="Merge a LoRA adapter into its base model and save a standard HF model "
+                       "directory (safetensors shards + tokenizer) that loads with AutoModelForCausalLM.")
+    p.add_argument("source", help="a training checkpoint / exported adapter dir (its base is read from "
+                   "meta.json / adapter_config.json), or a base model dir together with --adapter")
+    p.add_argument("out")
+    p.add_argument("--adapter", help="adapter dir, when SOURCE is the base model dir")
+    p.add_argument("--max-shard-size", default="2GB", help="shard size of the saved weights (default 2GB)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default float32)")
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
+                       description="Multi-turn chat with streaming output. In-chat commands: /reset, "
+                       "/system TEXT, /exit. The prompt template is the one used in training.")
+    p.add_argument("model", help="model dir: base, merged, exported adapter, or training checkpoint")
+    p.add_argument("--adapter", help="LoRA adapter dir to load on top of MODEL")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--template", default="auto", help="chat template (default: the one saved with the model)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+    p = sub.add_parser("eval", help="evaluate a recipe's model or a checkpoint on its eval data",
+                       description="Eval loss and, for records with a reference answer, exact-match accuracy "
+                       "of greedy generations (per task when records carry a `task` field). Encoder recipes "
+                       "report accuracy / F1 / EM / Spearman as fits the task.")
+    p.add_argument("recipe", help="recipe YAML or shipped name (its data.eval_sources are used)")
+    _add_overrides(p)
+    p.add_argument("--checkpoint", help="checkpoint or model dir to evaluate (default: OUTPUT/final)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+    p = sub.add_parser("data", help="data tools", description="Data tools.")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    q = dsub.add_parser("inspect", help="show parsing, templating, tokens and which carry loss",
+                        description="Show, for the first N records of RECIPE's data, the raw record, the "
+                        "parsed messages, the templated text and the tokens; supervised tokens are highlighted.")
+    q.add_argument("recipe")
+    _add_overrides(q)
+    q.add_argument("-n", type=int, default=3, help="records to show (default 3)")
+    q.add_argument("--no-color", action="store_true", help="mark supervised tokens with [[ ]] instead of colour")
+
+    p = sub.add_parser("config", help="list, copy and show shipped recipes", description="Shipped recipes.")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    csub.required = True
+    csub.add_parser("list", help="list shipped recipes with their first comment line")
+    q = csub.add_parser("copy", help="copy a shipped recipe to edit it")
+    q.add_argument("name")
+    q.add_argument("dest")
+    q = csub.add_parser("show", help="print a recipe after validation, with every default filled in")
+    q.add_argument("name")
+    _add_overrides(q)
+
+    p = sub.add_parser("demo", help="the built-in end-to-end demo (tiny model, CPU)",
+                       description="Builds the tiny built-in model, runs continued pretraining on a built-in "
+                       "corpus and LoRA SFT on built-in tasks with checkable answers, and prints exact-match "
+                       "accuracy before and after, with a report (Markdown + loss-curve PNG).")
+    p.add_argument("--output", default="runs/demo", help="where to write the runs and the report")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for tests; accuracy stays low)")
+    p.add_argument("--multimodal", action="store_true", help="the multimodal demo (tiny encoders + staged recipe)")
+
+    p = sub.add_parser("continual", help="train a sequence of tasks and measure forgetting",
+                       description="Train the tasks of RECIPE in order with its continual-learning strategy; "
+                       "evaluate every task before training and after each task; write the accuracy matrix, "
+                       "metrics (ACC, BWT, FWT, forgetting) and a report.")
+    p.add_argument("recipe")
+    _add_overrides(p)
+    p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+
+    return ap
+
+
+def _cmd_train(args) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .distributed import launch
+
+        argv = ["train", args.recipe, *args.overrides]
+        if args.resume:
+            argv += ["--resume"] if args.resume is True else ["--resume", str(args.resume)]
+        if args.overwrite:
+            argv.append("--overwrite")
+        return launch(args.nproc, argv)
+    from .config import load_recipe
+    from .train.run import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .export import merge_adapter
+
+    if args.adapter:
+        out = merge_adapter(args.source, args.adapter, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    else:
+        out = merge_adapter(None, args.source, args.out, max_shard_size=args.max_shard_size, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .chat import ChatSession, load_for_chat, run_terminal_chat
+
+    model, tokenizer, template = load_for_chat(args.model, args.adapter, template=args.template)
+    session = ChatSession(model, tokenizer, template, system_prompt=args.system, temperature=args.temperature,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    run_terminal_chat(session)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import load_recipe
+    from .evaluation import eval_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    metrics = eval_recipe(recipe, checkpoint=args.checkpoint, max_new_tokens=args.max_new_tokens)
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .config import load_recipe
+    from .data.inspect import inspect_data
+    from .models.loading import load_tokenizer, resolve_model_path
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tok = load_tokenizer(resolve_model_path(recipe.model.path))
+    print(inspect_data(recipe, tok, n=args.n, color=not args.no_color and sys.stdout.isatty()))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from .config import list_recipes, load_recipe, resolve_recipe_path
+
+    if args.config_command == "list":
+        for name in list_recipes():
+            first = resolve_recipe_path(name).read_text().splitlines()
+            desc = next((ln.lstrip("# ").strip() for ln in first[1:] if ln.startswith("#")), "")
+            print(f"{name:24s} {desc}")
+        return 0
+    if args.config_command == "copy":
+        src = resolve_recipe_path(args.name)
+        dest = Path(args.dest)
+        if dest.is_dir():
+            dest = dest / src.name
+        if dest.exists():
+            raise MMTuneError(f"{dest} already exists; choose another destination")
+        shutil.copyfile(src, dest)
+        print(f"copied {src.name} to {dest}; run it with: mmtune train {dest}")
+        return 0
+    recipe = load_recipe(args.name, args.overrides)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    if args.multimodal:
+        from .multimodal.demo import run_multimodal_demo
+
+        run_multimodal_demo(args.output, quick=args.quick)
+        return 0
+    from .demo import run_demo
+
+    run_demo(args.output, quick=args.quick)
+    return 0
+
+
+def _cmd_continual(args) -> int:
+    from .config import load_recipe
+    from .continual.runner import run_continual
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_continual(recipe, resume=args.resume)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "export": _cmd_export, "merge": _cmd_merge, "chat": _cmd_chat, "eval": _cmd_eval,
+            "data": _cmd_data, "config": _cmd_config, "demo": _cmd_demo, "continual": _cmd_continual}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except MMTuneError as e:
+        print(f"mmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

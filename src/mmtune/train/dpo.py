@@ -1,0 +1,127 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) and its IPO variant (Azar et al. 2023).
+
+A batch holds B preference pairs as 2B sequences: rows [0, B) are the chosen responses and
+rows [B, 2B) the rejected ones, labels only on the response tokens. With
+``h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))`` (sequence log-probs,
+summed over response tokens):
+
+- sigmoid DPO: ``loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)``
+  (``eps`` = label smoothing, the conservative DPO of Mitchell 2023; eps = 0 is plain DPO);
+- IPO: ``loss = (h - 1 / (2 * beta))^2`` (Azar et al. 2023, eq. 17, on summed log-probs).
+
+Rewards are ``beta * (log pi - log ref)``; preference accuracy is the share of pairs whose
+chosen reward exceeds the rejected one.
+
+The reference model is the frozen starting model. For a PEFT model it is the same network with
+the adapters disabled (``model.disable_adapter()``), so no second copy is held in memory; for
+full fine-tuning pass a frozen ``ref_model``. Reference log-probs found in the batch
+(``ref_logps``, precomputed once by :func:`precompute_reference_logps`) are used instead.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .objectives import OBJECTIVES, LossOutput, Objective, model_inputs
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over supervised positions, per row. logits (N, T, V), labels (N, T)."""
+    logits = logits[:, :-1, :].float()  # (N, T-1, V)
+    target = labels[:, 1:]  # (N, T-1)
+    mask = target != -100
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = torch.gather(logp, 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Per-pair losses and metrics from policy (p) and reference (r) log-probs of chosen (c) and
+    rejected (r) responses."""
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; valid: sigmoid, ipo")
+    chosen_r = beta * (pc - rc).detach()
+    rejected_r = beta * (pr - rr).detach()
+    metrics = {
+        "rewards/chosen": float(chosen_r.mean()), "rewards/rejected": float(rejected_r.mean()),
+        "rewards/margin": float((chosen_r - rejected_r).mean()),
+        "rewards/accuracy": float((chosen_r > rejected_r).float().mean()),
+    }
+    return losses, metrics
+
+
+def _disabled_adapters(model):
+    """Context in which a PEFT model runs as its base model."""
+    base = getattr(model, "module", model)  # DDP wrapper
+    if hasattr(base, "disable_adapter"):
+        return base.disable_adapter()
+    return None
+
+
+@torch.no_grad()
+def reference_logps(model, batch: dict, ref_model=None) -> torch.Tensor:
+    if ref_model is not None:
+        out = ref_model(**model_inputs(batch), use_cache=False)
+        return sequence_logps(out.logits, batch["labels"])
+    ctx = _disabled_adapters(model)
+    if ctx is None:
+        raise ValueError("DPO needs a reference: a PEFT (LoRA) model, whose adapters are disabled for the "
+                         "reference pass, or an explicit frozen ref_model for full fine-tuning")
+    was_training = model.training
+    model.eval()  # no dropout in the reference pass
+    with ctx:
+        out = model(**model_inputs(batch), use_cache=False)
+    model.train(was_training)
+    return sequence_logps(out.logits, batch["labels"])
+
+
+@OBJECTIVES.register("dpo")
+class DPOObjective(Objective):
+    """Pairs in, DPO/IPO loss out. ``count`` is the number of pairs."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ref_model=None):
+        self.beta, self.loss_type, self.label_smoothing, self.ref_model = beta, loss_type, label_smoothing, ref_model
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, model, batch: dict) -> LossOutput:
+        n = batch["input_ids"].shape[0] // 2
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"].to(batch["input_ids"].device)
+        else:
+            ref = reference_logps(model, batch, self.ref_model)
+        out = model(**model_inputs(batch), use_cache=False)
+        pol = sequence_logps(out.logits, batch["labels"])
+        losses, metrics = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.beta, self.loss_type, self.label_smoothing)
+        return LossOutput(losses.sum(), n, out, metrics)
+
+
+@torch.no_grad()
+def precompute_reference_logps(model, examples: list[dict], collate_fn, batch_size: int = 8, ref_model=None,
+                               progress: bool = True) -> None:
+    """Store each pair's reference log-probs in the example (``ref_chosen``/``ref_rejected``),
+    computed once; the collate function passes them on as ``ref_logps``."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    it = range(0, len(examples), batch_size)
+    for i in tqdm(it, desc="reference log-probs", disable=not progress):
+        chunk = examples[i:i + batch_size]
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate_fn(chunk).items()}
+        batch.pop("ref_logps", None)
+        ref = reference_logps(model, batch, ref_model).cpu()
+        n = len(chunk)
+        for j, ex in enumerate(chunk):
+            ex["ref_chosen"], ex["ref_rejected"] = float(ref[j]), float(ref[n + j])
