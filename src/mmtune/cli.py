@@ -77,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image for the first message (composed multimodal models; in chat: /image PATH)")
+    p.add_argument("--audio", action="append", default=[], metavar="PATH",
+                   help="16 kHz wav/flac for the first message (in chat: /audio PATH)")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/models)",
+                       description="Serve MODEL with an OpenAI-compatible API, streaming and not, with image/audio "
+                       "content parts for composed multimodal models. Binds 127.0.0.1 unless --host says otherwise.")
+    from .serve.openai_server import add_arguments as _serve_args
+
+    _serve_args(p)
+
+    p = sub.add_parser("web", help="web UI: chat (text, image, audio), start/stop training, reports",
+                       description="A browser UI (gradio) with a chat tab, a training tab with live charts and a "
+                       "clean stop, and a reports tab. Binds 127.0.0.1 unless --host says otherwise.")
+    from .serve.web import add_arguments as _web_args
+
+    _web_args(p)
 
     p = sub.add_parser("eval", help="evaluate a recipe's model or a checkpoint on its eval data",
                        description="Eval loss and, for records with a reference answer, exact-match accuracy "
@@ -166,13 +184,59 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .chat import ChatSession, load_for_chat, run_terminal_chat
+    from .multimodal.run import find_composed
 
-    model, tokenizer, template = load_for_chat(args.model, args.adapter, template=args.template)
+    if find_composed(args.model) is not None:
+        return _composed_chat(args)
+    if args.image or args.audio:
+        raise MMTuneError(f"{args.model} is a text-only model: --image/--audio need a composed multimodal model")
+    from .chat import ChatSession, run_terminal_chat
+    from .evaluation import load_model_and_template
+
+    model, tokenizer, template = load_model_and_template(args.model, args.adapter, args.template)
     session = ChatSession(model, tokenizer, template, system_prompt=args.system, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     run_terminal_chat(session)
     return 0
+
+
+def _composed_chat(args, input_fn=input, print_fn=print) -> int:
+    """Terminal chat with a composed model: /image PATH and /audio PATH attach media to the next
+    message; the adapter the modality router chose is shown before each reply."""
+    from .multimodal.chat import ComposedChatSession, load_composed_for_chat
+
+    session = ComposedChatSession(load_composed_for_chat(args.model), system_prompt=args.system,
+                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    images, audios = list(args.image), list(args.audio)
+    print_fn("composed model loaded. Commands: /image PATH, /audio PATH, /reset, /exit")
+    while True:
+        try:
+            line = input_fn("you> ").strip()
+        except EOFError:
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            images, audios = [], []
+            print_fn("(history cleared)")
+            continue
+        if line.startswith(("/image ", "/audio ")):
+            (images if line.startswith("/image") else audios).append(line.split(" ", 1)[1].strip())
+            print_fn(f"(attached {line.split(' ', 1)[1].strip()} to the next message)")
+            continue
+        if not line:
+            continue
+        try:
+            pieces = session.send(line, images=images, audios=audios)
+        except MMTuneError as e:
+            print_fn(f"error: {e}")
+            continue
+        images, audios = [], []
+        print_fn(f"[router: {session.adapter or 'base model'}] ", end="")
+        for piece in pieces:
+            print_fn(piece, end="", flush=True)
+        print_fn()
 
 
 def _cmd_eval(args) -> int:
@@ -247,7 +311,21 @@ def _cmd_continual(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "export": _cmd_export, "merge": _cmd_merge, "chat": _cmd_chat, "eval": _cmd_eval,
+def _cmd_serve(args) -> int:
+    from .serve.openai_server import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+def _cmd_web(args) -> int:
+    from .serve.web import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
+COMMANDS = {"serve": _cmd_serve, "web": _cmd_web, "train": _cmd_train, "export": _cmd_export, "merge": _cmd_merge, "chat": _cmd_chat, "eval": _cmd_eval,
             "data": _cmd_data, "config": _cmd_config, "demo": _cmd_demo, "continual": _cmd_continual}
 
 
@@ -258,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0
     except MMTuneError as e:
+        from .distributed import report_error
+
+        report_error(e)  # under torchrun: the launcher shows which rank failed and why
         print(f"mmtune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

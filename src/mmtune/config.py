@@ -147,6 +147,9 @@ class Recipe(Section):
                                               "mmtune/continual/config.py.")
     distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig(), description="Several "
                                            "processes/GPUs (DDP, FSDP2, DeepSpeed ZeRO); see mmtune/distributed.py.")
+    multimodal: MultimodalConfig | None = Field(None, description="Vision/audio encoders composed with the LLM, "
+                                                "modality LoRA adapters and their router, and training stages "
+                                                "(`mmtune train` runs them in order); see mmtune/multimodal/config.py.")
 
     @field_validator("objective")
     @classmethod
@@ -296,5 +299,6 @@ def validate_recipe(data: dict, source: str = "<recipe>", model_cls: type[BaseMo
 from .continual.config import ContinualConfig  # noqa: E402
 from .encoders.config import EncoderConfig  # noqa: E402
 from .distributed import DistributedConfig  # noqa: E402
+from .multimodal.config import MultimodalConfig  # noqa: E402
 
 Recipe.model_rebuild()

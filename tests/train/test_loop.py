@@ -141,3 +141,23 @@ def test_keep_last_prunes(tmp_path):
     Trainer(make_model(), ToyObjective(), toy_rows(), collate, cfg(tmp_path, save_every=1, keep_last=2)).fit()
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000007", "step-00000008"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path):
+    import os
+    import signal
+
+    full = Trainer(make_model(), ToyObjective(), toy_rows(), collate, cfg(tmp_path / "a")).fit()
+    t = Trainer(make_model(), ToyObjective(), toy_rows(), collate, cfg(tmp_path / "b"))
+
+    def flag():
+        if t.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C just after step 3
+        return False
+
+    t.stop_flag = flag
+    with pytest.raises(MMTuneError, match="interrupted at step 3"):
+        t.fit()
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+    res = Trainer(make_model(seed=3), ToyObjective(), toy_rows(), collate, cfg(tmp_path / "b")).fit(resume=True)
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(full["losses"], res["losses"]))

@@ -6,3 +6,7 @@ registry), ``vision`` (VisionTower over transformers SigLIP/CLIP/ViT), ``synthet
 (built-in shapes/OCR image data). Import the submodules directly; this package imports nothing
 heavy.
 """
+
+# The recipe schema first: mmtune.config imports this package's config.py (the `multimodal`
+# section) while it is being built, so importing a submodule before mmtune.config would be circular.
+from .. import config as _recipe_config  # noqa: E402, F401

@@ -63,6 +63,11 @@ def _is_zero3(model) -> bool:
     return any(hasattr(p, "ds_id") and hasattr(p, "ds_tensor") for p in model.parameters())
 
 
+def is_sharded(model) -> bool:
+    """Whether ``model``'s weights are split over the ranks (its forward is then collective)."""
+    return _is_dtensor_sharded(model) or _is_zero3(model)
+
+
 def full_model_state_dict(model) -> dict | None:
     """The full (unsharded) weights of a sharded model, on CPU on rank 0 ({} on the others);
     None when every rank already holds the full weights (save_pretrained reads the model).
@@ -146,6 +151,11 @@ def optimizer_state_dict(model, optimizer) -> dict:
 def load_optimizer_state_dict(model, optimizer, state: dict) -> None:
     """Load what :func:`optimizer_state_dict` wrote (re-sharding under FSDP2); older
     checkpoints keyed by parameter index load as they are."""
+    if "deepspeed_zero_partitions" in state and isinstance(optimizer, torch.optim.Optimizer):
+        from ..errors import MMTuneError
+
+        raise MMTuneError(f"this checkpoint holds DeepSpeed ZeRO optimizer partitions of {state['world_size']} "
+                          f"processes; resume it with distributed.strategy=deepspeed and --nproc {state['world_size']}")
     if not isinstance(optimizer, torch.optim.Optimizer) or all(isinstance(k, int) for k in state.get("state", {})):
         optimizer.load_state_dict(state)
         return

@@ -30,7 +30,9 @@ from .objectives import OBJECTIVES, LossOutput, Objective, model_inputs
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over supervised positions, per row. logits (N, T, V), labels (N, T)."""
-    logits = logits[:, :-1, :].float()  # (N, T-1, V)
+    logits = logits[:, :-1, :]  # (N, T-1, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     target = labels[:, 1:]  # (N, T-1)
     mask = target != -100
     logp = torch.log_softmax(logits, dim=-1)

@@ -36,6 +36,7 @@ from ..config import TrainConfig
 from ..errors import MMTuneError
 from .checkpoint import (
     full_model_state_dict,
+    is_sharded,
     latest_checkpoint,
     load_model_weights,
     load_optimizer_state_dict,
@@ -266,8 +267,9 @@ class Trainer:
             if hasattr(p, "after_backward"):
                 p.after_backward(self.model)
         grad_norm = None
-        if cfg.max_grad_norm is not None:
-            params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        # No visible gradients: DeepSpeed ZeRO keeps them partitioned and clips in its own step.
+        if cfg.max_grad_norm is not None and params:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             # Under FSDP2 the norm is a DTensor reduced over the shards of all ranks.
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -295,23 +297,54 @@ class Trainer:
         if self.eval_rows:
             loss_sum, count = 0.0, 0.0
             bs = self.cfg.batch_size
-            for i in range(self.rank * bs, len(self.eval_rows), bs * self.world):
+            # Every rank runs the same number of forwards (under FSDP2 / ZeRO-3 a forward gathers
+            # weights collectively): a rank past the end re-runs its first rows without counting them.
+            for j in range(math.ceil(len(self.eval_rows) / (bs * self.world))):
+                i = self.rank * bs + j * bs * self.world
+                counted = i < len(self.eval_rows)
+                i = i if counted else self.rank * bs % len(self.eval_rows)
                 batch = self.collate_fn(list(self.eval_rows[i:i + bs]))
                 batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with self._autocast():
                     out = self.objective(self.train_module, batch)
-                loss_sum += float(out.loss_sum)
-                count += float(out.count)
+                if counted:
+                    loss_sum += float(out.loss_sum)
+                    count += float(out.count)
             if self.world > 1:
                 t = torch.tensor([loss_sum, count], dtype=torch.float64, device=self.device)
                 dist.all_reduce(t)
                 loss_sum, count = float(t[0]), float(t[1])
             metrics["eval_loss"] = loss_sum / max(count, 1.0)
-        if self.generate_fn is not None and self.cfg.eval_prompts and self.rank == 0:
-            metrics["samples"] = [{"prompt": p, "output": self.generate_fn(self.model, p)}
-                                  for p in self.cfg.eval_prompts]
+        # A sharded model (FSDP2, ZeRO-3) gathers weights in every forward, so all ranks generate
+        # (greedy, the same tokens everywhere); rank 0 keeps the samples.
+        if self.generate_fn is not None and self.cfg.eval_prompts and (self.rank == 0 or is_sharded(self.model)):
+            samples = [{"prompt": p, "output": self.generate_fn(self.model, p)} for p in self.cfg.eval_prompts]
+            if self.rank == 0:
+                metrics["samples"] = samples
         self.train_module.train()
         return metrics
+
+    def _defer_sigint(self):
+        """First Ctrl-C: finish the current step, save a checkpoint and stop. Second: abort at once.
+        Returns the function that restores the previous handler."""
+        import signal
+        import threading
+
+        self._interrupted = False
+        if threading.current_thread() is not threading.main_thread() or self.world > 1:
+            # Under torchrun every rank gets the signal and the launcher stops the group; a
+            # per-rank flag could make ranks stop at different steps and hang in the save.
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            print("\nmmtune: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
 
     def fit(self, resume: bool | str | Path = False) -> dict:
         """Train to ``total_steps``. ``resume``: True (latest checkpoint in output_dir) or a path."""
@@ -331,6 +364,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         stopped = False
+        restore_sigint = self._defer_sigint()
         try:
             while self.step < self.total_steps:
                 m = self.train_step()
@@ -352,9 +386,15 @@ class Trainer:
                 if self.stop_flag is not None and self.stop_flag():
                     stopped = True
                     break
+                if self._interrupted:
+                    break
         finally:
             if bar is not None:
                 bar.close()
+            restore_sigint()
+        if self._interrupted:
+            path = self.save()
+            raise MMTuneError(f"interrupted at step {self.step}; checkpoint saved to {path}; continue with --resume")
         final_eval = self.evaluate() if (self.eval_rows or cfg.eval_prompts) else {}
         if final_eval:
             log.log({"step": self.step, **final_eval})

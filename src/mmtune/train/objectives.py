@@ -88,7 +88,7 @@ def register_all() -> None:
     """Import the modules that register objectives outside this file (DPO, encoder objectives)."""
     import importlib
 
-    for mod in ("mmtune.train.dpo", "mmtune.encoders.objectives"):
+    for mod in ("mmtune.train.dpo", "mmtune.train.fused_ce", "mmtune.encoders.objectives"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -17,7 +17,7 @@ from .checkpoint import latest_checkpoint
 from .loop import Trainer, seed_everything
 from .objectives import OBJECTIVES
 
-CAUSAL_OBJECTIVES = {"sft", "pretrain", "dpo"}
+CAUSAL_OBJECTIVES = {"sft", "pretrain", "dpo", "sft-fused"}
 
 
 def is_encoder_objective(name: str) -> bool:
@@ -97,37 +97,64 @@ def make_dpo_objective(recipe: Recipe, model, rows, collate, log=print):
 
 
 def run_recipe(recipe: Recipe, resume=False, overwrite: bool = False, log=print, stop_flag=None) -> dict:
+    """Run ``recipe``: multimodal stages, encoder objectives, or causal-LM training (one process
+    or several under torchrun, per ``recipe.distributed``)."""
+    if recipe.multimodal is not None:
+        from ..multimodal.run import run_multimodal_recipe
+
+        return run_multimodal_recipe(recipe, resume=resume)
     if is_encoder_objective(recipe.objective):
         from ..encoders.run import run_encoder_recipe
 
         return run_encoder_recipe(recipe, resume=resume)
     from ..data.templates import get_template
+    from ..distributed import barrier, cleanup, init_distributed, is_main_process, train_in_bf16, wrap_model
     from ..models.adapters import trainable_summary
     from ..models.loading import load_model, load_tokenizer, resolve_model_path
 
+    ctx = init_distributed(recipe.distributed)
+    main = is_main_process()
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731 - only rank 0 logs
     out = Path(recipe.train.output_dir)
-    prepare_output_dir(out, resume, overwrite)
+    if main:
+        prepare_output_dir(out, resume, overwrite)
     seed_everything(recipe.train.seed)  # LoRA initialisation is seeded too
-    base_dir = resolve_model_path(recipe.model.path)
+    base_dir = resolve_model_path(recipe.model.path) if main else None
+    barrier()  # rank 0 builds the built-in model / tokenization cache first
+    base_dir = base_dir or resolve_model_path(recipe.model.path)
     tokenizer = load_tokenizer(base_dir)
     template = get_template(recipe.data.template, tokenizer, recipe.data.system_prompt)
     if recipe.objective == "dpo":
         rows, eval_rows, collate = build_preference_data(recipe, template, log)
     else:
+        if not main:
+            barrier()
         rows, eval_rows, collate = build_causal_data(recipe, tokenizer, log)
+        if main:
+            barrier()
     model = load_model(recipe.model, recipe.adapter, training=True)
+    if recipe.model.quantization == "none":
+        model = model.to(ctx.device)
     log(trainable_summary(model))
     if recipe.objective == "dpo":
         objective = make_dpo_objective(recipe, model, rows, collate, log)
     else:
         objective = OBJECTIVES.get(recipe.objective)()
-    trainer = Trainer(model, objective, rows, collate, recipe.train, eval_rows=eval_rows, tokenizer=tokenizer,
+    par = wrap_model(model, recipe.distributed, ctx, train_cfg=recipe.train,
+                     bf16=train_in_bf16(recipe.train.precision, ctx.device))
+    if ctx.world_size > 1:
+        log(f"distributed: {par.strategy} over {ctx.world_size} processes")
+    trainer = Trainer(par.model, objective, rows, collate, recipe.train, eval_rows=eval_rows, tokenizer=tokenizer,
                       generate_fn=make_generate_fn(tokenizer, template, recipe.train.max_new_tokens),
-                      recipe=recipe.model_dump(mode="json"), stop_flag=stop_flag,
+                      recipe=recipe.model_dump(mode="json"), stop_flag=stop_flag, train_module=par.train_module,
+                      device=ctx.device,
                       meta={"adapter": recipe.adapter.type, "base_model": str(base_dir),
                             "template": recipe.data.template, "objective": recipe.objective})
+    par.attach(trainer)
     result = trainer.fit(resume=resume)
     final = trainer.save(name="final")
+    cleanup()
     log(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}"
         + (f", eval loss {result['eval_loss']:.4f}" if "eval_loss" in result else "")
         + (f", {result['skipped_steps']} skipped (NaN)" if result["skipped_steps"] else ""))

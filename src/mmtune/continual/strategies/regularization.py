@@ -1,0 +1,234 @@
+"""Regularization strategies: EWC and online EWC.
+
+EWC (Kirkpatrick et al. 2017, eq. 3) adds (lambda/2) * sum_i F_i (theta_i - theta*_i)^2 per past
+task, with F the diagonal Fisher information at the task's final weights theta*. We estimate F
+as the empirical Fisher, the mean of squared per-example gradients of the loss on the task's
+own labels (as Avalanche's ``EWCPlugin`` does), over ``fisher_samples`` training examples.
+Online EWC (Schwarz et al. 2018, "Progress & Compress", sec. 3.1) keeps one penalty:
+F <- gamma * F + F_t, anchored at the latest weights.
+
+Guard against a too large lambda (REFERENCE.md section 4: "large lambda with plain SGD
+diverges"), in three parts:
+
+1. Fisher normalisation (``fisher_norm: max``, default): each task's Fisher is divided by its
+   largest entry, so F lies in [0, 1] and lambda is the stiffness of the most important weight,
+   comparable across models, losses and dataset sizes (raw Fisher values span orders of
+   magnitude with the loss scale). ``fisher_clamp`` caps entries further.
+2. Stiffness check before each task: the penalty is a quadratic with curvature lambda * F_i
+   along weight i, and gradient descent with step lr on a quadratic diverges when
+   lr * curvature > 2 (the classic step-size bound). ``lambda * lr * max_i F_i`` above
+   ``max_stiffness`` (default 2) is a blow-up before any step is taken. (AdamW does not
+   diverge there but oscillates around theta* and stops learning the new task: the same
+   silent failure.)
+3. Blow-up detection while training: with a stable optimiser the total loss does not rise far
+   above its value at the start of the task, where the penalty is 0 (theta = theta*). A penalty
+   above ``blowup_factor`` times the task loss of the task's first batch, or a non-finite one,
+   is a blow-up (this also covers ``fisher_norm: none`` and ``max_stiffness: null``).
+
+On a blow-up, ``on_blowup: error`` (default) stops with a message naming the setting and a value
+to try; ``on_blowup: scale`` lowers the effective lambda -- to stiffness 1 (lr * lambda * max F
+= 1, the critically damped step) for the check before the task, or so that the penalty equals
+the task's initial loss during training -- logs it and goes on. The scale is kept for later
+tasks and reported (``strategy_state.scale`` / ``events``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ...errors import MMTuneError
+from .base import (
+    STRATEGIES,
+    Strategy,
+    StrategySettings,
+    TaskInfo,
+    eval_mode,
+    isolated_rng,
+    snapshot,
+    trainable_params,
+)
+
+
+class EWCSettings(StrategySettings):
+    lambda_: float = Field(100.0, alias="lambda", ge=0, description="Penalty strength lambda in (lambda/2) sum_i "
+                           "F_i (theta_i - theta*_i)^2, with F normalised to a maximum of 1 (fisher_norm: max). "
+                           "100 is the best of 100 / 300 / 1000 / 10^4 / 10^5 on permuted Split-Digits.")
+    fisher_samples: int = Field(256, gt=0, description="Training examples of the task used to estimate its Fisher.")
+    fisher_batch_size: int = Field(1, gt=0, description="Examples per gradient in the estimate. 1 gives the "
+                                   "per-example empirical Fisher; larger is faster but underestimates it.")
+    fisher_norm: Literal["max", "none"] = Field("max", description="`max`: divide each task's Fisher by its "
+                                                "largest entry (lambda then means the same on any model). "
+                                                "`none`: raw squared gradients.")
+    fisher_clamp: float | None = Field(None, gt=0, description="Cap Fisher entries at this value (after "
+                                       "normalisation).")
+    max_stiffness: float | None = Field(2.0, gt=0, description="Largest lambda x train.lr x max Fisher allowed "
+                                        "before a task (gradient descent on the penalty diverges above 2); null "
+                                        "disables the check.")
+    on_blowup: Literal["error", "scale"] = Field("error", description="When the penalty exceeds blowup_factor x "
+                                                 "the task's initial loss: stop with an error naming lambda, or "
+                                                 "scale lambda down automatically and continue.")
+    blowup_factor: float = Field(100.0, gt=1, description="Penalty / initial task loss ratio treated as a "
+                                 "blow-up.")
+
+
+class OnlineEWCSettings(EWCSettings):
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of the accumulated Fisher, F <- gamma F + F_t "
+                         "(Schwarz et al. 2018).")
+
+
+@STRATEGIES.register("ewc")
+class EWC(Strategy):
+    """Elastic weight consolidation: one quadratic penalty per past task."""
+
+    name = "ewc"
+    Settings = EWCSettings
+    online = False
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.penalties: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (Fisher, theta*)
+        self.scale = 1.0  # lambda multiplier set by on_blowup: scale
+        self.events: list[dict] = []
+        self._initial_loss: float | None = None
+
+    def before_task(self, model, task: TaskInfo) -> None:
+        super().before_task(model, task)
+        self._initial_loss = None
+        self._params = trainable_params(model)
+        self._check_stiffness()
+
+    def _check_stiffness(self) -> None:
+        s = self.settings
+        if not self.penalties or s.max_stiffness is None:
+            return
+        total: dict[str, torch.Tensor] = {}
+        for fisher, _ in self.penalties:
+            for n, f in fisher.items():
+                total[n] = total[n] + f if n in total else f
+        f_max = max((float(f.max()) for f in total.values()), default=0.0)
+        lam = s.lambda_ * self.scale
+        stiffness = lam * self.ctx.lr * f_max
+        if stiffness <= s.max_stiffness:
+            return
+        if s.on_blowup == "error":
+            raise MMTuneError(
+                f"{self.name}: lambda={lam:g} is too large for train.lr={self.ctx.lr:g} before task '{self.task.name}': "
+                f"lambda x lr x max Fisher = {stiffness:.3g} > max_stiffness {s.max_stiffness:g} (gradient descent on "
+                f"the penalty diverges above 2; AdamW stops learning the task). Lower "
+                f"continual.strategy.settings.{self.name}.lambda to at most {s.max_stiffness / (self.ctx.lr * f_max):.4g}, "
+                f"or set continual.strategy.settings.{self.name}.on_blowup: scale")
+        factor = 1.0 / stiffness
+        self._rescale(factor, {"task": self.task.name, "stiffness": stiffness})
+
+    def penalty(self) -> torch.Tensor:
+        """sum over stored tasks of sum_i F_i (theta_i - theta*_i)^2 (without lambda/2)."""
+        total = None
+        for fisher, anchor in self.penalties:
+            for n, f in fisher.items():
+                p = self._params.get(n)
+                if p is None:
+                    continue
+                term = (f * (p - anchor[n]) ** 2).sum()
+                total = term if total is None else total + term
+        return total
+
+    def loss_terms(self, batch, outputs) -> dict[str, torch.Tensor]:
+        if not self.penalties:
+            return {}
+        pen = self.penalty()
+        if pen is None:
+            return {}
+        lam = self.settings.lambda_ * self.scale
+        term = 0.5 * lam * pen
+        task_loss = float(outputs.loss_sum.detach()) / max(float(outputs.count), 1.0)
+        if self._initial_loss is None:
+            self._initial_loss = max(task_loss, 1e-3)
+        value = float(term.detach())
+        limit = self.settings.blowup_factor * self._initial_loss
+        if value != value or value in (float("inf"), float("-inf")) or value > limit:
+            term = self._blowup(term, value, limit)
+        return {"ewc": term}
+
+    def _blowup(self, term: torch.Tensor, value: float, limit: float) -> torch.Tensor:
+        s = self.settings
+        finite = value == value and abs(value) != float("inf")
+        if s.on_blowup == "error" or not finite:
+            lam = s.lambda_ * self.scale
+            suggest = lam * self._initial_loss / value if finite and value > 0 else lam * 1e-3
+            raise MMTuneError(
+                f"{self.name}: the penalty ({value:.3g}) exceeds {s.blowup_factor:g}x the loss at the start of task "
+                f"'{self.task.name}' ({self._initial_loss:.3g}); lambda={lam:g} is too large for this learning rate "
+                f"(the optimiser overshoots instead of learning the task). Lower "
+                f"continual.strategy.settings.{self.name}.lambda (e.g. to {suggest:.3g}) or train.lr, or set "
+                f"continual.strategy.settings.{self.name}.on_blowup: scale")
+        factor = self._initial_loss / value
+        self._rescale(factor, {"task": self.task.name, "penalty": value, "limit": limit})
+        return term * factor
+
+    def _rescale(self, factor: float, event: dict) -> None:
+        self.scale *= factor
+        self.events.append({**event, "lambda_scale": self.scale})
+        self.ctx.log(f"{self.name}: lambda too large on task '{self.task.name}' ({event}); effective lambda scaled to "
+                     f"{self.settings.lambda_ * self.scale:.3g}")
+
+    def fisher(self, model, rows: list) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher of the trainable parameters on (a sample of) ``rows``."""
+        s = self.settings
+        params = trainable_params(model)
+        names, tensors = list(params), list(params.values())
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        k = min(s.fisher_samples, len(rows))
+        idx = self.rng.sample(range(len(rows)), k)
+        with eval_mode(model), isolated_rng(self.draw_seed()):
+            for i in range(0, k, s.fisher_batch_size):
+                chunk = [rows[j] for j in idx[i:i + s.fisher_batch_size]]
+                loss, _ = self.mean_loss(model, chunk)
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        fisher[n] += g.detach().float() ** 2 * len(chunk)
+        for f in fisher.values():
+            f /= max(k, 1)
+        if s.fisher_norm == "max":
+            top = max((float(f.max()) for f in fisher.values()), default=0.0)
+            if top > 0:
+                for f in fisher.values():
+                    f /= top
+        if s.fisher_clamp is not None:
+            for f in fisher.values():
+                f.clamp_(max=s.fisher_clamp)
+        return fisher
+
+    def after_task(self, model, task: TaskInfo, rows: list) -> None:
+        fisher = self.fisher(model, rows)
+        anchor = snapshot(model)
+        if self.online and self.penalties:
+            old, _ = self.penalties[0]
+            gamma = self.settings.gamma
+            fisher = {n: gamma * old[n] + f if n in old else f for n, f in fisher.items()}
+            self.penalties = [(fisher, anchor)]
+        else:
+            self.penalties.append((fisher, anchor))
+
+    def state_dict(self) -> dict:
+        cpu = [({n: f.cpu() for n, f in F.items()}, {n: a.cpu() for n, a in A.items()}) for F, A in self.penalties]
+        return {**super().state_dict(), "penalties": cpu, "scale": self.scale, "events": list(self.events)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        dev = self.ctx.device
+        self.penalties = [({n: f.to(dev) for n, f in F.items()}, {n: a.to(dev) for n, a in A.items()})
+                          for F, A in state["penalties"]]
+        self.scale, self.events = state["scale"], list(state["events"])
+
+
+@STRATEGIES.register("online_ewc")
+class OnlineEWC(EWC):
+    """Online EWC: a single running Fisher and anchor."""
+
+    name = "online_ewc"
+    Settings = OnlineEWCSettings
+    online = True

@@ -1,0 +1,127 @@
+"""Which attention kernel runs packed batches, and the per-batch arguments it needs.
+
+A packed row holds several samples; each must attend only to itself (block-diagonal causal
+attention). The samples are marked by ``position_ids`` that restart at 0 (see
+mmtune.data.packing); no attention mask is passed. transformers then isolates them, per kernel:
+
+- ``flash_attention_2`` / ``flash_attention_3`` (flash-attn installed, CUDA, fp16/bf16): the
+  variable-length kernel over the concatenated samples (``flash_attn_varlen_func`` with
+  cumulative sequence lengths). No mask and no padding FLOPs; the fastest choice. The
+  boundaries can be given per batch (:func:`packed_attention_kwargs`) so they are not
+  re-derived from ``position_ids`` (with a device sync) in every layer.
+- ``sdpa``: PyTorch's scaled_dot_product_attention with the block-diagonal causal mask that
+  transformers derives from ``position_ids`` (``masking_utils.find_packed_sequence_indices``).
+  Runs everywhere (the CPU default); a mask rules out SDPA's flash backend on GPUs.
+- ``flex_attention``: a block-sparse mask from the same sequence ids; fast only once compiled
+  (REFERENCE.md section 5: without torch.compile it was not faster than SDPA on an H100, and on
+  CPU its first call compiles for minutes), so it is used only when asked for on a GPU.
+- ``eager``: the reference implementation (same mask as sdpa).
+
+Both mask-based paths need ``use_cache=False`` and no ``attention_mask`` in the forward, which
+is what mmtune's objectives pass for packed batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("mmtune.train.attention")
+
+KNOWN = ("auto", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
+FLASH = ("flash_attention_3", "flash_attention_2")
+#: Forward arguments of :func:`packed_attention_kwargs` (batch keys an objective passes on).
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """``implementation`` goes to ``from_pretrained(attn_implementation=...)`` (or
+    ``config._attn_implementation``); ``reason`` says why (logged once by the caller)."""
+
+    implementation: str
+    reason: str
+
+    @property
+    def varlen(self) -> bool:
+        return self.implementation in FLASH
+
+    def forward_kwargs(self, position_ids: torch.Tensor | None) -> dict:
+        """Extra forward arguments for a packed batch (see :func:`packed_attention_kwargs`)."""
+        return packed_attention_kwargs(position_ids, self.implementation)
+
+
+def flash_available(version: int = 2) -> bool:
+    """flash-attn (2) or flash-attn-3 importable with a CUDA device, as transformers checks it."""
+    if not torch.cuda.is_available():
+        return False
+    from transformers.utils import import_utils
+
+    check = import_utils.is_flash_attn_3_available if version == 3 else import_utils.is_flash_attn_2_available
+    try:
+        return bool(check())
+    except Exception:  # a broken flash-attn install must not stop training: fall back
+        return False
+
+
+def flex_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def choose_attention(requested: str = "auto", *, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> AttentionChoice:
+    """The attention implementation for packed training on ``device`` with weights in ``dtype``.
+
+    ``requested`` is the recipe's ``model.attn_implementation``: ``auto`` picks flash-attention
+    (3, then 2) when it can run, else ``sdpa``. A kernel that was asked for but cannot run here
+    falls back to ``sdpa`` with the reason, rather than failing the run.
+    """
+    if requested not in KNOWN:
+        from ..errors import ConfigError
+        from ..registry import did_you_mean
+
+        raise ConfigError(f"model.attn_implementation={requested!r} is not known; valid: "
+                          f"{', '.join(KNOWN)}.{did_you_mean(requested, KNOWN)}")
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if requested in ("sdpa", "eager"):
+        return AttentionChoice(requested, "as requested")
+    if requested == "flex_attention":
+        if device.type == "cuda" and flex_available():
+            return AttentionChoice("flex_attention", "as requested")
+        return AttentionChoice("sdpa", "flex_attention needs a CUDA device here (on CPU its kernel compiles for "
+                               "minutes); using sdpa with the block-diagonal mask")
+    wanted = FLASH if requested == "auto" else (requested,)
+    for impl in wanted:
+        version = 3 if impl == "flash_attention_3" else 2
+        if device.type == "cuda" and half and flash_available(version):
+            return AttentionChoice(impl, "flash-attention varlen kernel over the packed samples")
+    if device.type != "cuda":
+        why = "no CUDA device"
+    elif not half:
+        why = f"flash-attention needs fp16/bf16 weights, not {str(dtype).replace('torch.', '')}"
+    else:
+        why = "flash-attn is not installed (pip install flash-attn)"
+    if requested != "auto":
+        log.info("attention: %s asked for but %s; using sdpa", requested, why)
+    return AttentionChoice("sdpa", f"{why}; sdpa with the block-diagonal mask from position_ids")
+
+
+def packed_attention_kwargs(position_ids: torch.Tensor | None, implementation: str) -> dict:
+    """Per-batch forward arguments for the flash varlen kernel: the cumulative sample lengths
+    over the flattened batch (``cu_seq_lens_q/k``, int32, shape (n_samples + 1,)) and the
+    longest sample (``max_length_q/k``, a Python int), as transformers'
+    ``prepare_fa_kwargs_from_position_ids`` computes them. Other kernels need nothing (the mask
+    comes from ``position_ids``), so this returns {} for them and for unpacked batches."""
+    if implementation not in FLASH or position_ids is None:
+        return {}
+    if not bool((position_ids.reshape(-1, position_ids.shape[-1])[:, 0] == 0).all()):
+        raise ValueError("packed position_ids must start every row with 0 (a sample cannot span rows)")
+    pos = position_ids.reshape(-1)  # (B*T,) samples never span rows, so the batch flattens
+    starts = (pos == 0).nonzero().reshape(-1)  # (n_samples,)
+    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)  # (n_samples + 1,)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}

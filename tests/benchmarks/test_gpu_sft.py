@@ -1,0 +1,60 @@
+"""benchmarks/gpu_sft.py: importable, its arguments parse, and --dry-run runs both sides end to
+end on CPU with a tiny Qwen2 (the GPU numbers need a GPU; see the module docstring)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_sft", ROOT / "benchmarks" / "gpu_sft.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_arguments(bench):
+    args = bench.parse_args(["--dry-run", "--sizes", "0.5B", "--seconds", "9"])
+    assert args.sizes == ["tiny"] and args.seq == 256 and args.seconds == 2.0 and args.dry_run
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit):  # a GPU benchmark refuses to run on CPU without --dry-run
+            bench.parse_args([])
+
+
+def test_baseline_is_found_and_lengths_are_shared(bench):
+    if not bench.DEFAULT_BASELINE.is_file():
+        pytest.skip(f"the anchor script is not at {bench.DEFAULT_BASELINE}")
+    bl = bench.load_baseline()
+    assert set(bl.SIZES) >= {"0.5B", "1.5B"}
+    lengths = bench.lengths_for(bl, 4096, 20000)
+    assert max(lengths) <= 2048 and min(lengths) >= 16
+    lengths.sort()
+    assert 300 < lengths[len(lengths) // 2] < 400  # log-normal, median ~350 (REFERENCE.md section 5)
+    rows = bench.mmtune_rows(lengths[:300], 4096, 1000)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(lengths[:300])
+    assert all(len(r["input_ids"]) <= 4096 for r in rows)
+    starts = sum(r["position_ids"].count(0) for r in rows)
+    assert starts == 300 == sum(1 for r in rows for lab in r["labels"] if lab == -100)
+
+
+def test_dry_run(bench, tmp_path):
+    if not bench.DEFAULT_BASELINE.is_file():
+        pytest.skip(f"the anchor script is not at {bench.DEFAULT_BASELINE}")
+    out = tmp_path / "rows.json"
+    rows = bench.main(["--dry-run", "--seconds", "0.5", "--json", str(out)])
+    sides = {r["side"]: r for r in rows}
+    assert set(sides) == {"baseline", "mmtune", "mmtune/baseline"}
+    for side in ("baseline", "mmtune"):
+        assert "error" not in sides[side], sides[side]
+        assert sides[side]["tokens_per_s"] > 0 and sides[side]["steps"] >= 1
+    assert sides["mmtune"]["fused_ce"] and sides["mmtune"]["attn"] == "sdpa"
+    ratio = sides["mmtune/baseline"]["tokens_per_s"]
+    assert ratio == round(sides["mmtune"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"], 3)
+    assert json.loads(out.read_text()) == rows

@@ -1,0 +1,57 @@
+"""Slow statistical checks of the strategies against the orderings of REFERENCE.md section 4.
+
+Run with ``pytest -m slow tests/continual/test_slow.py -s`` (prints the tables). Split-Digits: the
+shipped ``continual-digits`` recipe, 5 seeds; the text sequence: the shipped ``continual-text``
+recipe on the tiny model, 1 seed (CPU minutes per strategy).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from mmtune.continual.sweep import compare, table
+
+SEEDS = range(5)
+
+
+def _mean(results, name, key="acc"):
+    return statistics.fmean(r[key] for r in results[name])
+
+
+@pytest.mark.slow
+def test_split_digits_class_incremental_five_seeds(tmp_path):
+    res = compare("continual-digits", ["naive", "ewc", "replay", "derpp"], SEEDS, scenario="class",
+                  out_dir=tmp_path, log=lambda s: None)
+    print("\n" + table(res, "Split-Digits class-incremental, 5 seeds"))
+    naive, ewc, replay, derpp = (_mean(res, n) for n in ("naive", "ewc", "replay", "derpp"))
+    assert naive == pytest.approx(0.2, abs=0.05)  # ~1/T
+    assert replay >= naive + 0.50  # replay (200 examples) beats naive by at least 50 points
+    assert derpp >= replay - 0.02
+    assert abs(ewc - naive) <= 0.10  # EWC does not help in the class-incremental scenario
+
+
+@pytest.mark.slow
+def test_split_digits_permuted_domain_five_seeds(tmp_path):
+    res = compare("continual-digits", ["naive", "ewc", "replay"], SEEDS, scenario="domain", out_dir=tmp_path,
+                  log=lambda s: None)
+    print("\n" + table(res, "Split-Digits permuted domain-incremental, 5 seeds"))
+    naive, ewc, replay = (_mean(res, n) for n in ("naive", "ewc", "replay"))
+    assert replay > ewc > naive
+
+
+@pytest.mark.slow
+def test_text_sequence_task_lora_and_replay(tmp_path):
+    res = compare("continual-text", ["naive", "replay", "task_lora"], [0], out_dir=tmp_path, log=print)
+    print("\n" + table(res, "Text sequence add -> reverse -> capital, tiny model, 1 seed"))
+    naive, replay, lora = (res[n][0] for n in ("naive", "replay", "task_lora"))
+    for r in (naive, replay, lora):
+        print(r["R"])
+    # Naive fine-tuning learns each task and forgets it.
+    assert min(naive["R"][i][i] for i in range(3)) > 0.5 and naive["forgetting"] > 0.5
+    # Per-task adapters routed by task id: nothing is forgotten, and the tasks are learned.
+    assert abs(lora["forgetting"]) <= 0.02
+    assert statistics.fmean(lora["R"][i][i] for i in range(3)) > 0.5
+    # Replay at least halves naive's max-based forgetting.
+    assert replay["forgetting"] <= naive["forgetting"] / 2

@@ -1,0 +1,170 @@
+"""ComposedModel: placeholder expansion to the exact feature count, features in place of the
+placeholder embeddings, save/load round trip with equal outputs, cached generation equal to
+uncached greedy decoding, trainer checkpoints, and merging an adapter."""
+
+import pytest
+import torch
+
+from mmtune.data.templates import get_template
+from mmtune.errors import MMTuneError
+from mmtune.multimodal.data import LengthPolicy, collate_mm, encode_mm_sample
+from mmtune.multimodal.model import load_composed, merge_composed, tiny_composed
+from mmtune.multimodal.objective import model_batch
+from mmtune.multimodal.synthetic_audio import procedural_speech
+from mmtune.multimodal.synthetic_images import make_ocr_dataset, make_shapes_dataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturb(model, seed=0):
+    """Random LoRA B (adapters start as the identity) and larger projector weights, so that every
+    component visibly changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n or "projector" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_composed(cache_root=tmp_path_factory.mktemp("cache")).eval()
+    _perturb(model)
+    template = get_template("auto", model.tokenizer)
+    square = make_shapes_dataset(1, seed=3, size=64)[0]["image"]
+    wide = make_ocr_dataset(1, seed=3, size=64, wide=True)[0]["image"]
+    clip = procedural_speech("three one four", voice="tone-2")
+    return model, template, {"square": square, "wide": wide, "clip": clip}
+
+
+def _example(model, template, text, images=(), audios=()):
+    tags = "<image>\n" * len(images) + "<audio>\n" * len(audios)
+    sample = {"messages": [{"role": "user", "content": tags + text}, {"role": "assistant", "content": "red 3 left"}]}
+    ims = [model.process_image(im) for im in images]
+    aus = [model.process_audio(a) for a in audios]
+    return encode_mm_sample(sample, ims, aus, model, template, LengthPolicy(1024, False))
+
+
+def _batches(model, template, media):
+    ex = {"text": _example(model, template, "What is 2 + 2?"),
+          "image": _example(model, template, "What is it?", images=[media["square"], media["wide"]]),
+          "audio": _example(model, template, "Transcribe.", audios=[media["clip"]]),
+          "image+audio": _example(model, template, "Answer.", images=[media["square"]], audios=[media["clip"]])}
+    pad = model.tokenizer.pad_token_id
+    return {g: collate_mm([e], pad)["groups"][0] for g, e in ex.items()}
+
+
+def test_placeholders_expand_to_exactly_the_feature_tokens(setup):
+    model, template, media = setup
+    ex = _example(model, template, "Read it.", images=[media["square"], media["wide"]], audios=[media["clip"]])
+    square, wide = model.process_image(media["square"]), model.process_image(media["wide"])
+    clip = model.process_audio(media["clip"])
+    # tiny SigLIP 64 px / patch 8 -> 4x4 tokens per crop; phi4 layout (h*w + 1)*16 + 1 + (h+1)*4
+    assert square.grid == (1, 1) and square.num_tokens == (1 + 1) * 16 + 1 + 2 * 4 == 41
+    assert wide.grid == (1, 4) and wide.num_tokens == (4 + 1) * 16 + 1 + 2 * 4 == 89
+    frames = (len(media["clip"]) - 400) // 160 + 1
+    assert clip.num_tokens == -(-frames // 8)
+    ids = ex["input_ids"]
+    assert ids.count(model.image_token_id) == 41 + 89 and ids.count(model.audio_token_id) == clip.num_tokens
+    assert all(lab == -100 for t, lab in zip(ids, ex["labels"]) if t in (model.image_token_id, model.audio_token_id))
+    with torch.no_grad():
+        assert model.encode_images([square, wide]).shape == (130, model.hidden_size)
+        assert model.encode_audios([clip], "audio_projector").shape == (clip.num_tokens, model.hidden_size)
+
+
+def test_features_replace_exactly_the_placeholder_embeddings(setup):
+    model, template, media = setup
+    b = _batches(model, template, media)["image+audio"]
+    route = model.router.route("image+audio")
+    with torch.no_grad():
+        embeds = model.embed(b["input_ids"], b["images"], b["audios"], route)[0]  # (T, H)
+        plain = model.language_model.get_input_embeddings()(b["input_ids"])[0]
+        ids = b["input_ids"][0]
+        img, aud = ids == model.image_token_id, ids == model.audio_token_id
+        assert torch.equal(embeds[~(img | aud)], plain[~(img | aud)])
+        assert torch.allclose(embeds[img], model.encode_images(b["images"]))
+        assert torch.allclose(embeds[aud], model.encode_audios(b["audios"], "audio_projector_vs"))
+
+
+def test_placeholder_count_mismatch_is_an_error(setup):
+    model, template, media = setup
+    b = _batches(model, template, media)["image"]
+    with pytest.raises(MMTuneError, match="placeholder tokens"):
+        model(b["input_ids"], images=b["images"][:1], group="image")
+
+
+def test_save_load_round_trip_gives_equal_outputs(setup, tmp_path):
+    model, template, media = setup
+    batches = _batches(model, template, media)
+    with torch.no_grad():
+        before = {g: model(**model_batch(b)).logits for g, b in batches.items()}
+    model.save(tmp_path / "composed")
+    loaded = load_composed(tmp_path / "composed", device="cpu")
+    assert sorted(n for n, _ in loaded.named_parameters()) == sorted(n for n, _ in model.named_parameters())
+    assert loaded.router.table == model.router.table
+    assert (loaded.image_token_id, loaded.audio_token_id) == (model.image_token_id, model.audio_token_id)
+    with torch.no_grad():
+        for g, b in batches.items():
+            after = loaded(**model_batch(b)).logits
+            assert torch.allclose(before[g], after, atol=1e-6, rtol=0), g
+    # the processors survive too: the same image gives the same tiles and count
+    a, b = model.process_image(media["wide"]), loaded.process_image(media["wide"])
+    assert torch.equal(a.pixels, b.pixels) and a.num_tokens == b.num_tokens
+
+
+def test_trainer_checkpoint_hook_round_trip(setup, tmp_path):
+    from mmtune.train.checkpoint import load_model_weights
+
+    model, _, _ = setup
+    model.save_pretrained(tmp_path / "ckpt")
+    other = tiny_composed(cache_root=tmp_path / "cache", seed=1)
+    load_model_weights(other, tmp_path / "ckpt")
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_cached_generation_equals_uncached_greedy(setup):
+    model, template, media = setup
+    from mmtune.multimodal.data import prompt_ids
+
+    images = [model.process_image(media["square"])]
+    msgs = [{"role": "user", "content": "<image>\nWhat color is the circle?"}]
+    ids = prompt_ids(model, template, msgs, images)
+    got = list(model.stream_ids(ids, images, max_new_tokens=6))
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(torch.tensor([seq]), images=images).logits[0, -1]
+            logits[[model.image_token_id, model.audio_token_id]] = float("-inf")
+            seq.append(int(logits.argmax()))
+    assert got == seq[len(ids):]
+
+
+def test_merge_composed_folds_one_adapter(setup, tmp_path):
+    model, template, media = setup
+    batches = _batches(model, template, media)
+    model.save(tmp_path / "src")
+    merge_composed(tmp_path / "src", "vision", tmp_path / "merged")
+    merged = load_composed(tmp_path / "merged", device="cpu")
+    assert not hasattr(merged.language_model, "peft_config")
+    assert set(merged.router.table.values()) == {None}
+    with torch.no_grad():
+        vision_route = model(**model_batch(batches["image"])).logits
+        merged_image = merged(**model_batch(batches["image"])).logits
+        assert torch.allclose(vision_route, merged_image, atol=1e-5)
+        # the price of one set of weights: text now runs the vision-merged weights too
+        text_base = model(**model_batch(batches["text"])).logits
+        text_merged = merged(**model_batch(batches["text"])).logits
+        assert (text_base - text_merged).abs().max() > 1e-3
+    merge_composed(tmp_path / "src", None, tmp_path / "separate")
+    separate = load_composed(tmp_path / "separate", device="cpu")
+    assert sorted(separate.language_model.peft_config) == ["speech", "vision"]
+    with pytest.raises(MMTuneError, match="no adapter 'sound'"):
+        merge_composed(tmp_path / "src", "sound", tmp_path / "bad")

@@ -1,0 +1,86 @@
+"""Shipped multimodal recipes: each validates and names its command; one runs end to end on the
+tiny built-in model and data, resumes an interrupted stage with exactly the same losses, and
+writes a composed model that loads back with the same weights."""
+
+import pytest
+import torch
+
+from mmtune.config import list_recipes, load_recipe, load_yaml, resolve_recipe_path, validate_recipe
+from mmtune.multimodal.model import load_composed
+from mmtune.multimodal.run import find_composed, run_multimodal_recipe
+
+MM_RECIPES = ("mm-phi4-vision", "mm-phi4-speech", "mm-phi4-vision-speech", "mm-internvl")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", MM_RECIPES)
+def test_recipe_validates_and_names_its_command(name):
+    assert name in list_recipes()
+    first = resolve_recipe_path(name).read_text().splitlines()[0]
+    assert first == f"# mmtune train {name}"
+    recipe = load_recipe(name)
+    mm = recipe.multimodal
+    assert mm is not None and mm.stages and recipe.objective == "sft"
+    for stage in mm.stages:
+        assert stage.sources and all(s.path.startswith("builtin:") for s in stage.sources)
+
+
+def test_phi4_recipes_use_the_published_adapters():
+    vs = load_recipe("mm-phi4-vision-speech").multimodal
+    assert [(a.name, a.r, a.alpha, a.dropout) for a in vs.adapters] == [("vision", 256, 512, 0.0),
+                                                                        ("speech", 320, 640, 0.01)]
+    assert vs.resolved_router() == {"text": None, "image": "vision", "audio": "speech", "image+audio": "vision"}
+    assert vs.builds_vision_speech
+    assert load_recipe("mm-internvl").multimodal.resolved_router() == {g: None for g in
+                                                                      ("text", "image", "audio", "image+audio")}
+
+
+def _tiny(name, out, steps=4):
+    data = load_yaml(resolve_recipe_path(name))
+    data["train"].update(output_dir=str(out), max_steps=steps, batch_size=2, save_every=2, keep_last=5,
+                         progress=False, warmup_steps=1)
+    for stage in data["multimodal"]["stages"]:
+        for src in stage["sources"] + stage.get("eval_sources", []):
+            src["max_records"] = 6
+    return validate_recipe(data)
+
+
+def test_speech_recipe_runs_and_resume_repeats_the_losses(tmp_path):
+    quiet = dict(log=lambda *_: None, cache_root=tmp_path / "enc")
+    full = run_multimodal_recipe(_tiny("mm-phi4-speech", tmp_path / "a"), **quiet)
+    assert [s["stage"] for s in full["stages"]] == ["speech-align", "speech-sft"]
+    assert all(len(s["losses"]) == 4 and all(torch.isfinite(torch.tensor(s["losses"]))) for s in full["stages"])
+
+    calls = {"n": 0}
+
+    def stop_after_six_steps():  # 4 steps of stage 1, then 2 of stage 2
+        calls["n"] += 1
+        return calls["n"] == 6
+
+    part = run_multimodal_recipe(_tiny("mm-phi4-speech", tmp_path / "b"), stop_flag=stop_after_six_steps, **quiet)
+    assert part["stopped"] and part["stages"][-1]["steps"] == 2 and part["final_dir"] is None
+    resumed = run_multimodal_recipe(_tiny("mm-phi4-speech", tmp_path / "b"), resume=True, **quiet)
+    assert [s["stage"] for s in resumed["stages"]] == ["speech-sft"]
+    assert resumed["stages"][0]["losses"] == full["stages"][1]["losses"]
+    a = load_composed(find_composed(tmp_path / "a"), device="cpu")
+    b = load_composed(find_composed(tmp_path / "b"), device="cpu")
+    for (n1, p1), (n2, p2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    with pytest.raises(Exception, match="already holds a multimodal run"):
+        run_multimodal_recipe(_tiny("mm-phi4-speech", tmp_path / "a"), **quiet)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mm-phi4-vision", "mm-phi4-vision-speech", "mm-internvl"])
+def test_vision_recipes_run_on_tiny_data(name, tmp_path):
+    result = run_multimodal_recipe(_tiny(name, tmp_path / name, steps=2), log=lambda *_: None,
+                                   cache_root=tmp_path / "enc")
+    assert len(result["stages"]) == len(load_recipe(name).multimodal.stages)
+    assert find_composed(tmp_path / name) is not None
