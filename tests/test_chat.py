@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmtune.chat import ChatSession, TokenizerTemplate, load_for_chat, run_terminal_chat
+from mmtune.chat import ChatSession, load_for_chat, run_terminal_chat
 from mmtune.config import AdapterConfig
 from mmtune.errors import MMTuneError
 from mmtune.export import export_checkpoint
@@ -172,12 +172,12 @@ def test_terminal_chat_ends_on_eof(model, tok):
     assert session.history == []
 
 
-def test_tokenizer_template_matches_chatml(tok):
+def test_default_template_is_the_tokenizers_chatml(model, tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "What is 1 + 2?"},
                 {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 2 + 2?"}]
-    t = TokenizerTemplate(tok)
-    assert t.render_prompt(messages) == ChatML(tok).render_prompt(messages)
-    assert t.stop_token_ids == [0, 2]
+    session = ChatSession(model, tok)
+    assert session.template.render_prompt(messages) == ChatML(tok).render_prompt(messages)
+    assert set(session.template.stop_token_ids) == {0, 2}
 
 
 def test_load_for_chat_from_checkpoint_adapter_and_base(tmp_path, tiny_dir, tok):

@@ -2,8 +2,8 @@
 
 A chat template is any object with ``render_prompt(messages) -> list[int]`` (the prompt
 token ids, generation prompt included) and ``stop_token_ids: list[int]``; the chat templates
-of :mod:`mmtune.data.templates` are such objects. Without one, the tokenizer's own
-``chat_template`` is used (:class:`TokenizerTemplate`).
+of :mod:`mmtune.data.templates` are such objects. Without one, ``get_template("auto")`` is used
+(the tokenizer's own ``chat_template``).
 """
 
 from __future__ import annotations
@@ -17,32 +17,13 @@ from .errors import MMTuneError
 from .export import find_checkpoint, read_meta
 from .generate import generate_stream
 
-#: End-of-turn tokens of common chat formats (ChatML, Llama 3, Phi-3, Gemma): a reply stops at
-#: whichever of them the tokenizer has, and at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
-
 
 class ChatTemplate(Protocol):
+    """What a chat session needs from a template (``mmtune.data.templates.ChatTemplate`` is one)."""
+
     stop_token_ids: list[int]
 
     def render_prompt(self, messages: list[dict]) -> list[int]: ...
-
-
-class TokenizerTemplate:
-    """A :class:`ChatTemplate` from the tokenizer's own jinja ``chat_template``."""
-
-    def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
-            raise MMTuneError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template: "
-                              "choose a chat template (chatml, llama3, ...)")
-        self.tokenizer = tokenizer
-        vocab = tokenizer.get_vocab()
-        stops = [tokenizer.eos_token_id] + [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-        self.stop_token_ids = sorted({t for t in stops if t is not None})
-
-    def render_prompt(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 class ChatSession:
@@ -56,7 +37,11 @@ class ChatSession:
     def __init__(self, model, tokenizer, template: ChatTemplate | None = None, system_prompt: str | None = None,
                  temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256, seed: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.template = template if template is not None else TokenizerTemplate(tokenizer)
+        if template is None:
+            from .data.templates import get_template
+
+            template = get_template("auto", tokenizer)
+        self.template = template
         self.system_prompt = system_prompt
         self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
         self.history: list[dict] = []

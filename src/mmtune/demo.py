@@ -1,7 +1,8 @@
 """`mmtune demo`: the built-in end-to-end run a newcomer sees first.
 
 1. build the tiny Llama-style model and its BPE tokenizer in code (no download);
-2. continued pretraining (full weights) on the built-in corpus, which states capital facts;
+2. continued pretraining (full weights) on the built-in corpus, which states capital facts, and
+   on the training questions written as plain text ("Question: ... Answer: ...");
 3. LoRA SFT on built-in tasks with checkable answers (addition, word reversal, capitals:
    the held-out capital questions ask about countries SFT never showed, only the corpus);
 4. exact-match accuracy on held-out items before and after each stage, a before/after
@@ -24,7 +25,8 @@ def _recipe(objective: str, model_path: str, out: Path, **over) -> dict:
         "model": {"path": model_path},
         "adapter": {"type": "none"} if objective == "pretrain" else
         {"type": "lora", "r": 32, "alpha": 64, "dropout": 0.0, "targets": "all-linear"},
-        "data": {"sources": [{"path": "builtin:corpus", "format": "text"}] if objective == "pretrain" else
+        "data": {"sources": [{"path": "builtin:corpus", "format": "text"},
+                             {"path": "builtin:instruct-text", "format": "text"}] if objective == "pretrain" else
                  [{"path": "builtin:instruct"}],
                  "max_length": 256, "packing": True},
         "train": {"output_dir": str(out), "lr": 2e-3 if objective == "pretrain" else 3e-3, "batch_size": 8,

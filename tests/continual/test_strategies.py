@@ -195,9 +195,17 @@ def test_peft_teacher_with_adapters_off_is_the_base_model():
                 p.normal_()
     assert not torch.allclose(model(x).logits, ref, atol=1e-4)
     assert torch.allclose(AdaptersOff(model)(x).logits, ref, atol=1e-6)
-    # LwF's teacher on a PEFT model snapshots only the adapter weights.
+    # LwF's teacher on a PEFT model snapshots only the adapter weights, and keeps answering as before.
     snap = snapshot(model)
     assert snap and all("lora_" in n for n in snap)
+    before = model(x).logits.detach()
+    teacher = Teacher(model, snap)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(1.0)
+    assert not torch.allclose(model(x).logits, before, atol=1e-4)
+    assert torch.allclose(teacher(x).logits, before, atol=1e-6)
 
 
 def _first_term(out_dir, task_dir: str, key: str) -> float:
@@ -323,11 +331,18 @@ def test_l2p_trains_prompts_keys_and_head(make_recipe, tmp_path):
     recipe, bench, (l2p,) = _setup(make_recipe, tmp_path, ["l2p"], {"pool_size": 6, "prompt_length": 2, "top_k": 3})
     model = l2p.setup(DigitsTransformer(64, 32, 1, 2, 10))
     l2p.before_task(model, bench.tasks[0].info)
+    assert model.train_classes == [0, 1]  # class-incremental: other logits masked while training
+    model.train()
+    assert (model(torch.rand(3, 64)).logits[:, 2:] < -1e3).all()
+    model.eval()
+    assert (model(torch.rand(3, 64)).logits[:, 2:] > -1e3).all()
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == ["base.head.bias", "base.head.weight", "pool.keys", "pool.prompts"]
     out = model(torch.rand(4, 64))
     assert isinstance(out, ClassifierOut) and out.logits.shape == (4, 10) and out.aux["key_loss"].requires_grad
-    res = run_continual(make_recipe(tmp_path / "run", "l2p", {"pool_size": 6, "prompt_length": 2, "top_k": 3},
+    # Without the class-incremental train mask, so that the head also learns to reject the other classes.
+    res = run_continual(make_recipe(tmp_path / "run", "l2p", {"pool_size": 6, "prompt_length": 2, "top_k": 3,
+                                                               "train_mask": False},
                                       n_tasks=2, max_steps=40, net=net, train={"lr": 1e-2}), log=lambda s: None)
     assert res["R"][0][0] > 0.8  # the first task is learned through prompts and head alone
     with pytest.raises(ConfigError, match="transformer"):

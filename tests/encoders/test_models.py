@@ -8,6 +8,7 @@ from mmtune.encoders.config import EncoderConfig
 from mmtune.encoders.downstream import HEAD_PARAMS, make_net
 from mmtune.encoders.models import (
     EncoderModule,
+    PretrainingHeads,
     apply_adapter,
     backbone_param_count,
     build_from_config,
@@ -112,10 +113,34 @@ def test_pretrain_module_round_trip_keeps_tied_decoder(tok, tmp_path):
     hf, _ = load_hf_model(ModelConfig(path="builtin:bert-tiny"), "mlm", tok, 40, enc)
     spec = {"kind": "pretrain", "hf_class": type(hf).__name__, "configs": {"model": hf.config.to_dict()},
             "adapter": {"type": "none"}, "always_train": []}
-    EncoderModule(hf, spec).save_pretrained(tmp_path)
-    back = load_encoder_module(tmp_path).net
+    EncoderModule(PretrainingHeads(hf), spec).save_pretrained(tmp_path)
+    back = load_encoder_module(tmp_path).net.model
     assert back.cls.predictions.decoder.weight is back.bert.embeddings.word_embeddings.weight
     assert torch.equal(back.bert.embeddings.word_embeddings.weight, hf.bert.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("name,head", [("bert-tiny", "mlm"), ("bert-tiny", "pair"), ("roberta-tiny", "mlm"),
+                                       ("albert-tiny", "mlm"), ("albert-tiny", "pair")])
+def test_selected_position_logits_equal_the_full_forward(name, head, tok):
+    enc = EncoderConfig(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2, embedding_size=16)
+    torch.manual_seed(0)
+    hf, _ = load_hf_model(ModelConfig(path=f"builtin:{name}"), head, tok, 40, enc)
+    hf.eval()
+    ids = torch.randint(5, len(tok), (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    labels[1, 5] = ids[1, 5]
+    logits, pair = PretrainingHeads(hf)(ids, mask, None, labels)
+    full = hf(input_ids=ids, attention_mask=mask)
+    ref = full.prediction_logits if head == "pair" else full.logits
+    assert torch.allclose(logits, ref[labels != -100], atol=1e-5)
+    if head == "pair":
+        ref_pair = full.seq_relationship_logits if name.startswith("bert") else full.sop_logits
+        assert torch.allclose(pair, ref_pair, atol=1e-5)
+    else:
+        assert pair is None
 
 
 def test_build_from_config_without_pooler(tok):

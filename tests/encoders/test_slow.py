@@ -19,7 +19,7 @@ from mmtune.config import load_recipe
 from mmtune.encoders.objectives import build_objective
 from mmtune.encoders.run import build_encoder_module, evaluate_pretraining, prepare, run_encoder_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 
 

@@ -262,7 +262,6 @@ class TextBenchmark(Benchmark):
         self.template = get_template(recipe.data.template, self.tokenizer, recipe.data.system_prompt)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self._collate = partial(collate_padded, pad_id=pad)
-        seed = recipe.train.seed
         self.tasks = []
         for i, t in enumerate(cc.tasks):
             self._check_modalities(t, i)
@@ -277,7 +276,6 @@ class TextBenchmark(Benchmark):
             ev = [self._eval_item(r.sample, tid) for r in
                   load_source(SourceConfig(path=ev_src, max_records=t.eval_size), seed=0)]
             self.tasks.append(TaskData(TaskInfo(i, t.name, tid, None), train, ev, "exact_match"))
-        self.seed = seed
 
     def _encode(self, sample: dict, tid: int, where: str) -> dict:
         if "messages" not in sample:

@@ -243,7 +243,8 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         plugins: list = [strategy]
         if cc.curve_every:
             plugins.append(CurvePlugin(_eval, cc.curve_every, t, progress["curves"]))
-        res = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device).fit()
+        res = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device,
+                      optimizer_groups=strategy.optimizer_groups(model)).fit()
         strategy.after_task(model, task.info, task.train)
         row = _eval()
         progress["R"].append(row)

@@ -149,12 +149,16 @@ def corpus(n_docs: int = 600, seed: int = 0) -> list[str]:
 def builtin_records(name: str, seed: int = 0) -> list[dict]:
     """Records for ``builtin:NAME`` sources.
 
-    Names: ``corpus`` (text documents), ``instruct`` / ``instruct-eval`` (all tasks),
+    Names: ``corpus`` (text documents), ``instruct-text`` (the training questions and answers
+    as plain text), ``instruct`` / ``instruct-eval`` (all tasks),
     ``TASK`` / ``TASK-eval`` for one task (add, reverse, capital), ``prefs`` / ``prefs-eval``
     (preference pairs), ``cot-add`` / ``cot-add-eval`` (addition with a rationale).
     """
     if name == "corpus":
         return [{"text": d} for d in corpus(seed=seed)]
+    if name == "instruct-text":  # the training questions as plain text, for continued pretraining
+        return [{"text": f"Question: {r['instruction']} Answer: {r['output']}"}
+                for r in instruction_mix("train", 400, seed)]
     split = "eval" if name.endswith("-eval") else "train"
     base = name[: -len("-eval")] if split == "eval" else name
     n = 60 if split == "eval" else 400
@@ -171,4 +175,4 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
 
 def builtin_names() -> list[str]:
     names = ["instruct", "prefs", "cot-add", *TASKS]
-    return ["corpus"] + [v for n in names for v in (n, f"{n}-eval")]
+    return ["corpus", "instruct-text"] + [v for n in names for v in (n, f"{n}-eval")]

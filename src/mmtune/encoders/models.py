@@ -362,9 +362,53 @@ def _register_nets() -> None:
     from . import downstream, electra  # noqa: F401  (register their kinds)
 
 
+# Class -> (encoder attribute, MLM head on hidden states, pair head on the encoder output or None).
+# The heads of transformers' pretraining classes work on any (..., H) tensor, so the vocabulary
+# projection can run on the selected positions only (15% of them), as Google's BERT code does
+# (run_pretraining.py gathers ``masked_lm_positions`` before the output layer).
+_HEADS = {
+    "BertForMaskedLM": ("bert", lambda m, h: m.cls(h), None),
+    "BertForPreTraining": ("bert", lambda m, h: m.cls.predictions(h),
+                           lambda m, out: m.cls.seq_relationship(out.pooler_output)),
+    "RobertaForMaskedLM": ("roberta", lambda m, h: m.lm_head(h), None),
+    "AlbertForMaskedLM": ("albert", lambda m, h: m.predictions(h), None),
+    "AlbertForPreTraining": ("albert", lambda m, h: m.predictions(h),
+                             lambda m, out: m.sop_classifier(out.pooler_output)),
+}
+
+
+class PretrainingHeads(nn.Module):
+    """A transformers MLM / pretraining model whose forward returns the vocabulary logits at the
+    selected positions only (labels != -100) and the pair logits (NSP/SOP) if it has a pair head.
+
+    ``model`` may be PEFT-wrapped. Classes not in ``_HEADS`` run their own forward (full logits).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None):
+        hf = self.model.base_model.model if hasattr(self.model, "peft_config") else self.model
+        selected = labels != -100
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        parts = _HEADS.get(type(hf).__name__)
+        if parts is None:
+            out = self.model(**kwargs)
+            logits = out.prediction_logits if getattr(out, "prediction_logits", None) is not None else out.logits
+            pair = getattr(out, "seq_relationship_logits", None)
+            return logits[selected], pair if pair is not None else getattr(out, "sop_logits", None)
+        body, mlm_head, pair_head = parts
+        out = getattr(hf, body)(**kwargs)
+        logits = mlm_head(hf, out.last_hidden_state[selected])  # (N, H) -> (N, V)
+        return logits, (pair_head(hf, out) if pair_head is not None else None)
+
+
 @NETS.register("pretrain")
 def _pretrain_net(spec: dict) -> EncoderModule:
     net = build_from_config(spec["hf_class"], spec["configs"]["model"])
     net = apply_adapter(net, AdapterConfig(**spec["adapter"]), lora_attr=None, always_train=spec["always_train"],
                         freeze=spec.get("freeze", []), new_modules=new_modules(spec.get("new_weights", [])))
-    return EncoderModule(net, spec)
+    return EncoderModule(PretrainingHeads(net), spec)

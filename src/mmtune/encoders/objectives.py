@@ -31,19 +31,6 @@ from ..train.objectives import OBJECTIVES, LossOutput, Objective
 from .masking import IGNORE
 
 
-def _forward_inputs(batch: dict) -> dict:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def _first(out, *names):
-    for n in names:
-        v = getattr(out, n, None)
-        if v is not None:
-            return v
-    raise AttributeError(f"model output has none of {names}")
-
-
 class EncoderObjective(Objective):
     """``parts(model, batch) -> (loss_sum, count, outputs, {name: (sum, n)})`` is what subclasses
     define; ``__call__`` reports each part's mean as a metric."""
@@ -57,14 +44,20 @@ class EncoderObjective(Objective):
         return LossOutput(loss_sum, count, outputs, metrics)
 
 
-def _mlm_parts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    selected = labels != IGNORE
-    sel_logits = logits[selected].float()  # (N, V)
-    target = labels[selected]
-    loss = F.cross_entropy(sel_logits, target, reduction="sum")
-    n = int(selected.sum())
-    correct = (sel_logits.argmax(-1) == target).sum().detach()
+def _mlm_parts(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Summed cross-entropy of the selected positions' logits (N, V) against their ids (N,)."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target, reduction="sum")
+    n = target.numel()
+    correct = (logits.argmax(-1) == target).sum().detach()
     return loss, {"mlm_loss": (loss.detach(), n), "mlm_acc": (correct, n)}
+
+
+def _pretraining_forward(model, batch: dict):
+    """(MLM logits at the selected positions, their target ids, pair logits or None)."""
+    labels = batch["labels"]
+    logits, pair = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), labels)
+    return logits, labels[labels != IGNORE], pair
 
 
 @OBJECTIVES.register("mlm")
@@ -77,26 +70,24 @@ class MLMObjective(EncoderObjective):
         return int((batch["labels"] != IGNORE).sum())
 
     def parts(self, model, batch: dict):
-        out = model(**_forward_inputs(batch))
-        loss, parts = _mlm_parts(_first(out, "prediction_logits", "logits"), batch["labels"])
-        return loss, parts["mlm_loss"][1], out, parts
+        logits, target, _ = _pretraining_forward(model, batch)
+        loss, parts = _mlm_parts(logits, target)
+        return loss, target.numel(), logits, parts
 
 
 class _MLMPairObjective(MLMObjective):
     """MLM plus a 2-way classification of the segment pair from the pooled [CLS] (``pair_labels``)."""
 
-    pair_weight = 1.0
-
     def parts(self, model, batch: dict):
-        out = model(**_forward_inputs(batch))
-        mlm_sum, parts = _mlm_parts(_first(out, "prediction_logits", "logits"), batch["labels"])
-        pair_logits = _first(out, "seq_relationship_logits", "sop_logits").float()  # (B, 2)
+        logits, target, pair_logits = _pretraining_forward(model, batch)
+        mlm_sum, parts = _mlm_parts(logits, target)
+        pair_logits = pair_logits.float()  # (B, 2)
         labels = batch["pair_labels"]
         pair_sum = F.cross_entropy(pair_logits, labels, reduction="sum")
-        n_sel, n_pairs = max(parts["mlm_loss"][1], 1), labels.numel()
+        n_sel, n_pairs = max(target.numel(), 1), labels.numel()
         parts["pair_loss"] = (pair_sum.detach(), n_pairs)
         parts["pair_acc"] = ((pair_logits.argmax(-1) == labels).sum().detach(), n_pairs)
-        return mlm_sum + pair_sum * (n_sel / n_pairs), parts["mlm_loss"][1], out, parts
+        return mlm_sum + pair_sum * (n_sel / n_pairs), target.numel(), (logits, pair_logits), parts
 
 
 @OBJECTIVES.register("mlm_nsp")

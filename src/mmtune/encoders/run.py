@@ -36,6 +36,7 @@ from .corpus import CorpusReport, limit_records, read_documents, read_json_recor
 from .masking import MLMCollator, static_generator
 from .models import (
     EncoderModule,
+    PretrainingHeads,
     apply_adapter,
     load_encoder_module,
     load_hf_model,
@@ -259,7 +260,8 @@ def build_encoder_module(recipe: Recipe, prep: Prepared) -> EncoderModule:
         disc, _ = load_hf_model(recipe.model, "disc", tok, max_len, enc)
         gen_dir = _generator_dir(recipe.model.path)
         if gen_dir is not None:
-            gen = ElectraForMaskedLM.from_pretrained(str(gen_dir))
+            with quiet_transformers():
+                gen = ElectraForMaskedLM.from_pretrained(str(gen_dir))
         else:
             gen = ElectraForMaskedLM(generator_config(disc.config, enc.generator_size))
         special = sorted(set(tok.all_special_ids))
@@ -273,7 +275,7 @@ def build_encoder_module(recipe: Recipe, prep: Prepared) -> EncoderModule:
                 "always_train": _new_weight_patterns(missing), "new_weights": missing}
         net = apply_adapter(hf, recipe.adapter, lora_attr=None, always_train=spec["always_train"],
                             freeze=recipe.model.freeze, from_scratch=from_scratch, new_modules=new_modules(missing))
-        module = EncoderModule(net, spec)
+        module = EncoderModule(PretrainingHeads(net), spec)
     else:
         backbone, missing = load_hf_model(recipe.model, "base", tok, max_len, enc)
         kind = objective
@@ -361,7 +363,7 @@ def export_final(module: EncoderModule, tokenizer, recipe: Recipe, out: Path, me
     if kind == "electra":
         pairs = [(net.discriminator, out / "hf"), (net.generator, out / "hf-generator")]
     elif kind == "pretrain":
-        pairs = [(_merged(net), out / "hf")]
+        pairs = [(_merged(net.model), out / "hf")]
     else:
         pairs = [(_merged(net.backbone), out / "hf")]
     with quiet_transformers():

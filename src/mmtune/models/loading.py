@@ -167,7 +167,8 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None = None,
             model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.gradient_checkpointing and training:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x name; gradient_checkpointing_enable is its deprecated alias
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is useless in training and conflicts with recompute
         if lora:
             model.enable_input_require_grads()

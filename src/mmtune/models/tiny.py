@@ -28,7 +28,7 @@ from ..data import builtin
 
 #: Bumped whenever the tokenizer data, the sizes or the init change, so that an old cache is
 #: rebuilt instead of silently reused.
-TINY_VERSION = 1
+TINY_VERSION = 2  # 2: embedding init std hidden**-0.5 (see init_tiny_model)
 #: Tokenizer (and embedding) size. The built-in texts saturate byte-level BPE at ~870
 #: tokens; the rest is filled with reserved special tokens (as Llama 3 does with
 #: ``<|reserved_special_token_N|>``) so that the size is a multiple of 64 and stays fixed.
@@ -172,6 +172,7 @@ def ensure_tiny(cache_root: str | Path | None = None, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".builtin-tiny-", dir=root))
     try:
         build_tiny(tmp, seed)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         if target.exists():  # stale: move it aside, then swap the fresh build in
             old = Path(tempfile.mkdtemp(prefix=".builtin-tiny-old-", dir=root))
             os.replace(target, old / "model")

@@ -34,6 +34,8 @@ class TaskLoRASettings(StrategySettings):
     dropout: float | None = Field(None, ge=0, lt=1, description="LoRA dropout (default: adapter.dropout / 0).")
     targets: str | list[str] | None = Field(None, description="Modules to adapt (default: adapter.targets for text, "
                                             "every linear layer for digits).")
+    lr: float | None = Field(None, gt=0, description="Learning rate of the adapters (LoRA usually wants a larger one "
+                             "than full fine-tuning); default train.lr.")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full, one copy per task, "
                                               "routed with the adapter (PEFT `modules_to_save`; default: "
                                               "adapter.modules_to_save for text). E.g. [norm] lets a LoRA on a "
@@ -74,9 +76,17 @@ class _PerTaskAdapters(Strategy):
         for i in ids[1:]:
             model.add_adapter(adapter_name(i), self.lora_config())
         self.names = [adapter_name(i) for i in ids]
-        self.activate(model, self.names)
+        self.activate(model, self.initially_active())
         set_trainable(model, lambda n: False)
         return model
+
+    def initially_active(self) -> list[str]:
+        return self.names[:1]
+
+    def optimizer_groups(self, model) -> list[dict] | None:
+        if self.settings.lr is None:
+            return None
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": self.settings.lr}]
 
     @staticmethod
     def activate(model, names: list[str]) -> None:
@@ -124,6 +134,17 @@ class OLoRA(_PerTaskAdapters):
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
         self.learned: list[int] = []  # task ids whose adapters are trained and frozen
+
+    def lora_config(self):
+        cfg = super().lora_config()
+        if cfg.modules_to_save:
+            raise ConfigError("strategy olora keeps every adapter active at once, which PEFT's modules_to_save cannot "
+                              "do: set continual.strategy.settings.olora.modules_to_save: []")
+        return cfg
+
+    def initially_active(self) -> list[str]:
+        # Untrained adapters have B = 0 and change nothing, so all can be active from the start.
+        return list(self.names)
 
     def before_task(self, model, task: TaskInfo) -> None:
         super().before_task(model, task)

@@ -8,6 +8,7 @@ task-level hooks the continual runner calls around each ``Trainer.fit()``:
                                    weights are loaded): wrap the model (adapters, prompt pool)
 ``train_rows(task, rows, seen)``   the examples to train on for ``task`` (joint: all seen tasks)
 ``before_task(model, task)``       snapshot a teacher, choose what trains (``set_trainable``)
+``optimizer_groups(model)``        optional per-group learning rates for the task's optimizer
 ``loss_terms(batch, outputs)``     named loss terms the loop adds (averaged over micro-batches)
                                    and logs; ``outputs`` is the objective's ``LossOutput``
 ``after_backward(model)``          may edit gradients in place (A-GEM projection)
@@ -130,6 +131,11 @@ class Strategy:
 
     def before_task(self, model, task: TaskInfo) -> None:
         self.model, self.task = model, task
+
+    def optimizer_groups(self, model) -> list[dict] | None:
+        """Parameter groups with their own learning rates for this task's optimizer (None: all
+        trainable parameters at ``train.lr``); passed to the Trainer as ``optimizer_groups``."""
+        return None
 
     def loss_terms(self, batch: dict, outputs) -> dict[str, torch.Tensor]:
         return {}
