@@ -168,3 +168,30 @@ def test_merge_composed_folds_one_adapter(setup, tmp_path):
     assert sorted(separate.language_model.peft_config) == ["speech", "vision"]
     with pytest.raises(MMTuneError, match="no adapter 'sound'"):
         merge_composed(tmp_path / "src", "sound", tmp_path / "bad")
+
+
+def test_chat_session_streams_and_reports_the_route(setup, tmp_path):
+    from mmtune.multimodal.chat import ComposedChatSession, load_composed_for_chat
+    from mmtune.multimodal.data import prompt_ids
+
+    model, template, media = setup
+    media["square"].save(tmp_path / "a.png")
+    model.save(tmp_path / "run" / "final")
+    loaded = load_composed_for_chat(tmp_path / "run")  # a run's output directory
+    chat = ComposedChatSession(loaded, template=get_template("auto", loaded.tokenizer), max_new_tokens=5)
+    reply = "".join(chat.send("What color is the circle?", images=[tmp_path / "a.png"]))
+    assert chat.adapter == "vision" and chat.last_route.group == "image"
+    # the reply is the greedy continuation of the same prompt
+    ims = [loaded.process_image(media["square"])]
+    ids = prompt_ids(loaded, template, [{"role": "user", "content": "<image>\nWhat color is the circle?"}], ims)
+    expected = loaded.tokenizer.decode(list(loaded.stream_ids(ids, ims, max_new_tokens=5,
+                                                              stop_token_ids=template.stop_token_ids)),
+                                       skip_special_tokens=True)
+    assert reply == expected and chat.history[-1] == {"role": "assistant", "content": reply}
+    "".join(chat.send("And the square?"))  # follow-up: the image stays in the prompt
+    assert chat.adapter == "vision" and len(chat.images) == 1
+    chat.reset()
+    "".join(chat.send("What is 2 + 2?"))
+    assert chat.adapter is None and chat.last_route.group == "text"
+    with pytest.raises(MMTuneError, match="holds no composed model"):
+        load_composed_for_chat(tmp_path / "nothing")

@@ -22,7 +22,7 @@ METRIC_ROWS = (
     ("avg_incremental_acc", "Average incremental accuracy", "mean_t mean_{j<=t} R[t][j]"),
     ("bwt", "Backward transfer (BWT)", "1/(T-1) sum_{j<T} R[T][j] - R[j][j]"),
     ("fwt", "Forward transfer (FWT)", "1/(T-1) sum_{j>=2} R[j-1][j] - b_j"),
-    ("forgetting", "Forgetting, max-based (Chaudhry 2018)", "mean_{j<T} max_{l<T} R[l][j] - R[T][j]"),
+    ("forgetting", "Forgetting, max-based (Chaudhry 2018)", "mean_{j<T} max_{j<=l<T} R[l][j] - R[T][j]"),
     ("avalanche_forgetting", "Forgetting, Avalanche (drop since learned)", "mean_{j<T} R[j][j] - R[T][j]"),
 )
 
