@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     print(f"{len(train)} samples, tokens per sample: median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
     results = [run_baseline(path, train, evals, tok.pad_token_id, args),
                run_mmtune(path, train, evals, tok.pad_token_id, args)]
-    print(f"\n| system | steps | seconds | real tokens/s | padding | eval loss |\n|---|---|---|---|---|---|")
+    print("\n| system | steps | seconds | real tokens/s | padding | eval loss |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['system']} | {r['steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['padding']:.1%} | "
               f"{r['eval_loss']:.4f} |")

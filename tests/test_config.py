@@ -2,7 +2,14 @@
 
 import pytest
 
-from mmtune.config import Recipe, apply_overrides, list_recipes, load_recipe, resolve_recipe_path, validate_recipe
+from mmtune.config import (
+    Recipe,
+    apply_overrides,
+    list_recipes,
+    load_recipe,
+    resolve_recipe_path,
+    validate_recipe,
+)
 from mmtune.errors import ConfigError
 
 

@@ -297,8 +297,8 @@ def validate_recipe(data: dict, source: str = "<recipe>", model_cls: type[BaseMo
 
 # Sections that live with their features; resolve the forward references once all exist.
 from .continual.config import ContinualConfig  # noqa: E402
-from .encoders.config import EncoderConfig  # noqa: E402
 from .distributed import DistributedConfig  # noqa: E402
+from .encoders.config import EncoderConfig  # noqa: E402
 from .multimodal.config import MultimodalConfig  # noqa: E402
 
 Recipe.model_rebuild()

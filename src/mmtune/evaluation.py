@@ -109,7 +109,7 @@ def eval_recipe(recipe, checkpoint: str | None = None, max_new_tokens: int = 32)
     model, tokenizer, template = load_model_and_template(target, None, recipe.data.template)
     records = []  # raw records: they keep their `task` field for per-task scores
     for src in recipe.data.eval_sources:
-        for line, raw, err in iter_raw(src.path, recipe.train.seed):
+        for _line, raw, err in iter_raw(src.path, recipe.train.seed):
             if err is not None:
                 raise err
             records.append(raw)

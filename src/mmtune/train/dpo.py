@@ -20,8 +20,6 @@ full fine-tuning pass a frozen ``ref_model``. Reference log-probs found in the b
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 

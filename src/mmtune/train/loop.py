@@ -20,7 +20,6 @@ so N processes give the same update as one process with the same global batch.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import random
 import time
