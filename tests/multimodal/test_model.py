@@ -195,3 +195,27 @@ def test_chat_session_streams_and_reports_the_route(setup, tmp_path):
     assert chat.adapter is None and chat.last_route.group == "text"
     with pytest.raises(MMTuneError, match="holds no composed model"):
         load_composed_for_chat(tmp_path / "nothing")
+
+
+def test_whisper_audio_tower_composes_and_round_trips(tmp_path):
+    from transformers import WhisperConfig, WhisperModel
+
+    cfg = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+                        max_source_positions=64, max_target_positions=16, vocab_size=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    WhisperModel(cfg).save_pretrained(tmp_path / "whisper")
+    model = tiny_composed({"vision": None, "audio": {"encoder": "whisper", "path": str(tmp_path / "whisper")},
+                           "adapters": [{"name": "speech", "r": 4}],
+                           "stages": [{"name": "s", "sources": []}]}, cache_root=tmp_path / "cache").eval()
+    template = get_template("auto", model.tokenizer)
+    clip = procedural_speech("five", voice="tone-0")  # 0.32 s -> 32 Whisper frames -> 16 tokens (x2)
+    ex = _example(model, template, "Transcribe.", audios=[clip])
+    assert ex["audios"][0].num_tokens == -(-(len(clip) // 160) // 2) == ex["input_ids"].count(model.audio_token_id)
+    b = collate_mm([ex], model.tokenizer.pad_token_id)["groups"][0]
+    with torch.no_grad():
+        before = model(**model_batch(b)).logits
+        model.save(tmp_path / "m")
+        loaded = load_composed(tmp_path / "m", device="cpu")
+        assert torch.allclose(before, loaded(**model_batch(b)).logits, atol=1e-6)
