@@ -84,3 +84,15 @@ def test_vision_recipes_run_on_tiny_data(name, tmp_path):
                                    cache_root=tmp_path / "enc")
     assert len(result["stages"]) == len(load_recipe(name).multimodal.stages)
     assert find_composed(tmp_path / name) is not None
+
+
+@pytest.mark.slow
+def test_multimodal_demo_quick_runs_end_to_end(tmp_path):
+    from mmtune.multimodal.demo import run_multimodal_demo
+
+    out = run_multimodal_demo(str(tmp_path / "demo"), quick=True, log=lambda *_: None)
+    assert list(out["scores"]) == ["before", "vision-align", "vision-joint", "vision-sft", "speech-align",
+                                   "speech-sft"]
+    # the text route runs the untouched base model through every stage
+    assert all(s["text/max_logit_change"] == 0.0 for s in out["scores"].values())
+    assert (tmp_path / "demo" / "report.md").read_text().count("| VQA colour (EM) |") == 1

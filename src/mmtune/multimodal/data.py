@@ -376,18 +376,11 @@ class MediaCache:
         key = (media.kind, str(media.path)) if media.path is not None else None
         if key is not None and key in self._items:
             return self._items[key]
-        if media.kind == "image":
-            try:
-                item = self.model.process_image(load_image(media))
-            except DataError as e:
-                raise DataError(None, None, f"image {media.describe()}: {e.problem}", e.reason, media.field) from None
-        else:
-            try:
-                item = self.model.process_audio(load_wave(media))
-            except DataError as e:
-                if e.problem.startswith("audio "):
-                    raise
-                raise DataError(None, None, f"audio {media.describe()}: {e.problem}", e.reason, media.field) from None
+        raw = load_image(media) if media.kind == "image" else load_wave(media)
+        try:
+            item = self.model.process_image(raw) if media.kind == "image" else self.model.process_audio(raw)
+        except DataError as e:  # a readable file the model cannot take (extreme aspect ratio, too short)
+            raise DataError(None, None, f"{media.kind} {media.describe()}: {e.problem}", e.reason, media.field) from None
         if key is not None:
             self._items[key] = item
         return item

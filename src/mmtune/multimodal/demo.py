@@ -1,16 +1,21 @@
 """`mmtune demo --multimodal`: give the tiny built-in LLM eyes and ears, stage by stage, on a CPU.
 
-1. the tiny Llama-style LM (:func:`mmtune.models.tiny.ensure_tiny`) gets a short full
-   fine-tune on the built-in instruction tasks, so that it has some text ability to keep;
-2. built-in data is drawn in code: shapes images with captions and colour / count / position
-   questions, OCR of words and numbers (square 64 px and 4:1 wide images cut into several
-   tiles), and spoken digit strings from the procedural speech engine;
+1. the tiny Llama-style LM (:func:`mmtune.models.tiny.ensure_tiny`) plays "any LLM";
+2. data is drawn in code with the built-in generators: shapes images with captions and colour /
+   count / position questions, OCR of words (square 64 px) and of 3-4 words and numbers on 4:1
+   wide images that are cut into several tiles, and spoken digit strings from the procedural
+   speech engine. The shapes questions are the single-object subset (the colour of the only
+   shape, the position of the only shape, how many shapes when all are of the asked kind) and
+   the square OCR images show one of the 30 built-in words: a 1M-parameter model can learn
+   those in minutes on a CPU, while binding a colour to one shape among distractors needs far
+   more training than a demo has;
 3. a tiny SigLIP tower (random init) with Phi-4 tiling and the ``phi4_avgpool`` projector, a
    tiny Conformer with an MLP projector, and a vision and a speech LoRA are composed with the
    LM and trained with Phi-4-multimodal's staged recipe (REFERENCE.md section 1):
    vision (1) projector alignment on captions, (2) encoder + projector, (3) LoRA_V SFT with
-   encoder + projector; speech (4) encoder + projector with the decoder frozen, (5) projector
-   + LoRA_A SFT;
+   encoder + projector; speech (4) encoder + projector with the decoder frozen, (5) LoRA_A SFT
+   with encoder + projector. A 1M-parameter LM that stays frozen can hardly be steered by soft
+   inputs, so the alignment stages (1, 2, 4) barely move the scores here; the LoRA stages learn;
 4. every task is scored before and after each stage, and a Markdown report is written.
 
 Scores (all on held-out draws):
@@ -19,14 +24,15 @@ Scores (all on held-out draws):
   model predicts correctly by argmax given the reference prefix (teacher forcing); captions are
   long, exact match would hide progress;
 - VQA: exact match of the greedy answer (colour / count / position; chance 1/5, 1/4, 1/4);
-- OCR: token accuracy and exact match, square (one word or number) and wide (3-4 of them);
+- OCR: token accuracy and exact match, square (one word) and wide (3-4 words and numbers);
 - ASR: exact match of the greedy transcript ("3 7 1") and token accuracy;
 - text: exact match on the built-in held-out instruction tasks
-  (:func:`mmtune.evaluation.exact_match`), through the router's text route (the base model):
-  the multimodal stages cannot change it;
-- control: the final model with every image / clip swapped for another sample's (same task):
-  what the answer format and priors alone score. The gap to it is what the model reads from
-  the media.
+  (:func:`mmtune.evaluation.exact_match`) through the router's text route (adapters off), and
+  the largest change of the text route's logits on those prompts since before the first stage:
+  the text route runs the untouched base model, so it is exactly 0;
+- control: the final model with every image / clip swapped for another sample's of the same
+  task: what the answer format and priors alone score. The gap to it is what the model reads
+  from the media.
 """
 
 from __future__ import annotations
@@ -41,32 +47,45 @@ import torch
 from ..config import validate_recipe
 
 #: Steps and sizes: the full demo (about 10 minutes on 2 CPU cores) and ``--quick`` (a smoke run).
-FULL = dict(text_steps=300, steps=(150, 250, 400, 150, 300), n_train=(400, 400, 300, 200, 500),
-            n_eval=(40, 90, 40, 30, 60, 30))
-QUICK = dict(text_steps=4, steps=(3, 3, 3, 3, 3), n_train=(16, 16, 8, 8, 16), n_eval=(4, 6, 4, 4, 4, 6))
+#: n_train: captions, VQA, OCR square, OCR wide, ASR; n_eval: the same and text prompts.
+FULL = dict(steps=(100, 150, 400, 100, 400), n_train=(300, 600, 300, 150, 500), n_eval=(40, 60, 30, 20, 40, 30))
+QUICK = dict(steps=(2, 2, 2, 2, 2), n_train=(8, 9, 4, 4, 8), n_eval=(3, 6, 3, 2, 3, 3))
 
-TASK_SOURCES = {"caption": "shapes-caption", "vqa": "shapes-vqa", "ocr": "ocr", "ocr_wide": "ocr-wide",
-                "asr": "spoken-digits"}
+TASKS_EVAL = ("caption", "vqa", "ocr", "ocr_wide", "asr")
 VQA_CHANCE = {"color": 1 / 5, "count": 1 / 4, "position": 1 / 4}
+IMAGE_SIZE = 64
+EVAL_SEED = 1000
 
 
-def _text_base(out: Path, steps: int, log) -> Path:
-    """The tiny LM after a short full fine-tune on builtin:instruct (exported HF directory)."""
-    from ..export import export_checkpoint
-    from ..models.tiny import ensure_tiny
-    from ..train.run import run_recipe
+def _single_object(rec: dict) -> bool:
+    """Shapes records whose question is about the only kind of object in the image."""
+    words = rec["question"].rstrip("?").split()  # "How many circles are there" / "... the circle"
+    kind = words[2][:-1] if rec["qtype"] == "count" else words[-1]
+    return len(rec["shapes"]) == 1 or (rec["qtype"] == "count" and all(s["kind"] == kind for s in rec["shapes"]))
 
-    target = out / "text-base"
-    if (target / "config.json").is_file():
-        return target
-    recipe = validate_recipe({
-        "objective": "sft", "model": {"path": str(ensure_tiny())}, "adapter": {"type": "none"},
-        "data": {"sources": [{"path": "builtin:instruct"}], "max_length": 128, "packing": True},
-        "train": {"output_dir": str(out / "text-sft"), "max_steps": steps, "lr": 3e-3, "batch_size": 8,
-                  "warmup_steps": min(10, steps), "save_every": 10_000, "tensorboard": False, "progress": False,
-                  "log_every": 50}})
-    run_recipe(recipe, overwrite=True, log=lambda *_: None)
-    return export_checkpoint(out / "text-sft" / "final", target, overwrite=True)
+
+def make_demo_data(root: Path, n: tuple[int, ...], seed: int) -> dict[str, Path]:
+    """JSONL files (LLaVA style, media beside them) of the demo's five tasks; see the module
+    docstring for the subsets. Deterministic in ``seed``."""
+    from ..data.builtin import WORDS
+    from .synthetic_audio import make_spoken_digits_dataset
+    from .synthetic_images import make_ocr_dataset, make_shapes_dataset, save_dataset
+
+    n_cap, n_vqa, n_ocr, n_wide, n_asr = n
+    shapes = [r for r in make_shapes_dataset(8 * max(n_cap, n_vqa) + 40, seed=seed, size=IMAGE_SIZE)
+              if _single_object(r)]
+    by_type = {q: [r for r in shapes if r["qtype"] == q] for q in VQA_CHANCE}
+    vqa = [by_type[q][i] for i in range(-(-n_vqa // 3)) for q in VQA_CHANCE][:n_vqa]
+    captions = [r for r in shapes if len(r["shapes"]) == 1][-n_cap:]
+    words = [r for r in make_ocr_dataset(6 * n_ocr + 40, seed=seed, size=IMAGE_SIZE) if r["text"] in WORDS][:n_ocr]
+    paths = {"caption": save_dataset(captions, root, "caption", task="caption"),
+             "vqa": save_dataset(vqa, root, "vqa"),
+             "ocr": save_dataset(words, root, "ocr"),
+             "ocr_wide": save_dataset(make_ocr_dataset(n_wide, seed=seed, size=IMAGE_SIZE, wide=True), root,
+                                      "ocr_wide")}
+    make_spoken_digits_dataset(n_asr, seed, root, engine="procedural", jsonl_name="asr.jsonl")
+    paths["asr"] = root / "asr.jsonl"
+    return paths
 
 
 def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ...]) -> dict:
@@ -92,16 +111,16 @@ def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ..
                  "trainable": {"vision_projector": "full"}, "lr": {"vision_projector": 2e-3}},
                 {"name": "vision-joint", "sources": src("caption", "vqa", "ocr", "ocr_wide"), "max_steps": s2,
                  "trainable": {"vision_encoder": "full", "vision_projector": "full"},
-                 "lr": {"vision_encoder": 1e-3, "vision_projector": 1e-3}},
-                {"name": "vision-sft", "sources": src("caption", "vqa", "ocr", "ocr_wide"), "max_steps": s3,
+                 "lr": {"vision_encoder": 1e-3, "vision_projector": 2e-3}},
+                {"name": "vision-sft", "sources": src("vqa", "ocr", "ocr_wide", "caption"), "max_steps": s3,
                  "trainable": {"vision_encoder": "full", "vision_projector": "full", "llm": "lora"},
-                 "adapter": "vision", "lr": {"vision_encoder": 5e-4, "vision_projector": 1e-3, "llm": 2e-3}},
+                 "adapter": "vision", "lr": {"vision_encoder": 1e-3, "vision_projector": 3e-3, "llm": 3e-3}},
                 {"name": "speech-align", "sources": src("asr"), "max_steps": s4,
                  "trainable": {"audio_encoder": "full", "audio_projector": "full"},
                  "lr": {"audio_encoder": 2e-3, "audio_projector": 2e-3}},
                 {"name": "speech-sft", "sources": src("asr"), "max_steps": s5,
-                 "trainable": {"audio_projector": "full", "llm": "lora"}, "adapter": "speech",
-                 "lr": {"audio_projector": 1e-3, "llm": 2e-3}},
+                 "trainable": {"audio_encoder": "full", "audio_projector": "full", "llm": "lora"},
+                 "adapter": "speech", "lr": {"audio_encoder": 1e-3, "audio_projector": 3e-3, "llm": 3e-3}},
             ],
         },
     }
@@ -172,9 +191,23 @@ def token_accuracy_items(model, template, items: list[dict], batch_size: int = 1
     return correct / max(total, 1)
 
 
+def _text_logits(model, template, records: list[dict]) -> list[torch.Tensor]:
+    """Logits of the router's text route on the prompts of ``records`` (one forward each)."""
+    from ..data.formats import detect_format, normalize
+
+    out = []
+    for rec in records:
+        msgs = normalize(rec, detect_format(rec))["messages"]
+        ids = torch.tensor([template.prompt_ids(msgs[:-1])])
+        out.append(model(ids, group="text").logits[0].float().cpu())
+    return out
+
+
 @torch.no_grad()
-def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: list[dict]) -> dict[str, float]:
-    """Every score of the report for ``model`` (see the module docstring)."""
+def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: list[dict],
+                   state: dict | None = None) -> dict[str, float]:
+    """Every score of the report for ``model`` (see the module docstring). ``state`` keeps the text
+    route's first logits, against which later calls measure the change."""
     from ..evaluation import exact_match
 
     model.eval()
@@ -182,19 +215,23 @@ def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: 
     s["caption/token_acc"] = token_accuracy_items(model, template, items["caption"])
     for q in VQA_CHANCE:
         sub = [it for it in items["vqa"] if it["qtype"] == q]
-        s[f"vqa-{q}/exact_match"] = exact_match_items(model, template, sub, 4)
+        s[f"vqa-{q}/exact_match"] = exact_match_items(model, template, sub, 5)
     s["vqa/exact_match"] = sum(s[f"vqa-{q}/exact_match"] * sum(it["qtype"] == q for it in items["vqa"])
                                for q in VQA_CHANCE) / max(len(items["vqa"]), 1)
-    for task in ("ocr", "ocr_wide"):
+    for task, n_new in (("ocr", 8), ("ocr_wide", 24)):
         s[f"{task}/token_acc"] = token_accuracy_items(model, template, items[task])
-        s[f"{task}/exact_match"] = exact_match_items(model, template, items[task], 24)
-    s["asr/exact_match"] = exact_match_items(model, template, items["asr"], 12)
+        s[f"{task}/exact_match"] = exact_match_items(model, template, items[task], n_new)
+    s["asr/exact_match"] = exact_match_items(model, template, items["asr"], 10)
     s["asr/token_acc"] = token_accuracy_items(model, template, items["asr"])
     if text_records:
         route = model.router.route("text", n_samples=0)
         with model.router.activate(model.language_model, route):
             s["text/exact_match"] = exact_match(model.language_model, model.tokenizer, template, text_records,
                                                 16)["exact_match"]
+        logits = _text_logits(model, template, text_records)
+        if state is not None:
+            first = state.setdefault("text_logits", logits)
+            s["text/max_logit_change"] = max(float((a - b).abs().max()) for a, b in zip(first, logits))
     model.train()
     return s
 
@@ -204,7 +241,8 @@ ROWS = [("caption/token_acc", "caption (token acc.)"), ("vqa-color/exact_match",
         ("vqa/exact_match", "VQA all (EM)"), ("ocr/token_acc", "OCR square (token acc.)"),
         ("ocr/exact_match", "OCR square (EM)"), ("ocr_wide/token_acc", "OCR wide (token acc.)"),
         ("ocr_wide/exact_match", "OCR wide (EM)"), ("asr/exact_match", "ASR digits (EM)"),
-        ("asr/token_acc", "ASR digits (token acc.)"), ("text/exact_match", "text tasks (EM, base route)")]
+        ("asr/token_acc", "ASR digits (token acc.)"), ("text/exact_match", "text tasks (EM, text route)"),
+        ("text/max_logit_change", "text route: max abs. logit change")]
 
 
 def _table(scores: dict[str, dict], control: dict[str, float], chance: dict[str, float]) -> str:
@@ -214,7 +252,8 @@ def _table(scores: dict[str, dict], control: dict[str, float], chance: dict[str,
     for key, label in ROWS:
         if not any(key in scores[c] for c in cols):
             continue
-        vals = " | ".join(f"{scores[c].get(key, float('nan')):.1%}" for c in cols)
+        fmt = "{:.2g}" if "logit" in key else "{:.1%}"
+        vals = " | ".join(fmt.format(scores[c].get(key, float("nan"))) for c in cols)
         ctrl = f"{control[key]:.1%}" if key in control else "-"
         ch = f"{chance[key]:.1%}" if key in chance else "-"
         lines.append(f"| {label} | {vals} | {ctrl} | {ch} |")
@@ -234,31 +273,23 @@ def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = Fals
     """Run the demo (module docstring) into ``output``; returns the scores per stage."""
     from ..data.builtin import TASKS, builtin_records
     from ..data.templates import get_template
-    from .data import MediaCache, builtin_source
+    from ..models.tiny import ensure_tiny
+    from .data import MediaCache
     from .run import run_multimodal_recipe
 
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cfg = QUICK if quick else FULL
-    log(f"[1/4] text base: the tiny LM, {cfg['text_steps']} steps of full SFT on the built-in instruction tasks")
-    lm_dir = _text_base(out, cfg["text_steps"], log)
-
-    log("[2/4] built-in data: shapes (caption, VQA), OCR (square, wide), spoken digits")
-    data_root = out / "data"
-    n_cap, n_vqa, n_ocr, n_wide, n_asr = cfg["n_train"]
-    train = {"caption": builtin_source("shapes-caption", n_cap, 0, data_root),
-             "vqa": builtin_source("shapes-vqa", n_vqa, 0, data_root),
-             "ocr": builtin_source("ocr", n_ocr, 0, data_root),
-             "ocr_wide": builtin_source("ocr-wide", n_wide, 0, data_root),
-             "asr": builtin_source("spoken-digits", n_asr, 0, data_root)}
-    n_eval = dict(zip(["caption", "vqa", "ocr", "ocr_wide", "asr", "text"], cfg["n_eval"]))
-    evals = {task: builtin_source(f"{name}-eval", n_eval[task], 0, data_root) for task, name in TASK_SOURCES.items()}
+    log("[1/4] built-in data: shapes (captions, VQA), OCR (square words, wide multi-tile), spoken digits")
+    train = make_demo_data(out / "data" / "train", cfg["n_train"], seed=0)
+    n_eval = cfg["n_eval"]
+    evals = make_demo_data(out / "data" / "eval", n_eval[:5], seed=EVAL_SEED)
     text_records = builtin_records("instruct-eval")
-    per_task = max(1, n_eval["text"] // len(TASKS))
+    per_task = max(1, n_eval[5] // len(TASKS))
     text_records = [r for t in TASKS for r in [x for x in text_records if x["task"] == t][:per_task]]
 
-    recipe = validate_recipe(_recipe(out, lm_dir, train, cfg["steps"]))
+    recipe = validate_recipe(_recipe(out, ensure_tiny(), train, cfg["steps"]))
     scores: dict[str, dict] = {}
     state: dict = {}
 
@@ -266,36 +297,40 @@ def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = Fals
         if "items" not in state:
             state["template"] = get_template(recipe.data.template, model.tokenizer)
             cache = MediaCache(model)
-            state["items"] = {task: load_eval_items(path, model, cache, task) for task, path in evals.items()}
+            state["items"] = {task: load_eval_items(evals[task], model, cache, task) for task in TASKS_EVAL}
         t = time.time()
-        scores[name] = evaluate_tasks(model, state["template"], state["items"], text_records)
-        log(f"  scores {name} ({time.time() - t:.0f} s): "
-            + ", ".join(f"{k} {v:.0%}" for k, v in scores[name].items() if "-" not in k.split("/")[0]))
+        scores[name] = evaluate_tasks(model, state["template"], state["items"], text_records, state)
+        log(f"  scores after {name} ({time.time() - t:.0f} s): "
+            + ", ".join(f"{k} {v:.0%}" for k, v in scores[name].items() if "-" not in k.split("/")[0]
+                        and "logit" not in k))
 
-    log("[3/4] composed model: tiny SigLIP + phi4_avgpool, tiny Conformer + MLP, LoRA_V and LoRA_A; 5 stages")
+    log("[2/4] composed model: tiny LM + tiny SigLIP (phi4 tiling, phi4_avgpool) + tiny Conformer (MLP), "
+        "LoRA_V and LoRA_A; the router sends text to the base model")
+    log("[3/4] Phi-4-style stages: vision-align, vision-joint, vision-sft (LoRA_V), speech-align, speech-sft "
+        "(LoRA_A)")
     result = run_multimodal_recipe(recipe, overwrite=True, log=log, on_stage_end=on_stage_end,
                                    cache_root=out / "encoders")
     model = result["model"]
-    items = state["items"]
-    control_items = {task: shuffled(v, seed=1) for task, v in items.items()}
-    control = evaluate_tasks(model, state["template"], control_items, [])
+    control_items = {task: shuffled(v, seed=1) for task, v in state["items"].items()}
+    control = evaluate_tasks(model, state["template"], control_items, [], None)
 
     log("[4/4] report")
     minutes = (time.time() - t0) / 60
-    table = _table(scores, control, _chance(items))
+    table = _table(scores, control, _chance(state["items"]))
     stages = "\n".join(f"- **{s['stage']}**: {s['steps']} steps, {s['trainable']:,} trainable parameters, "
                        f"{s['examples']} examples, final loss {s['final_loss']:.3f}" for s in result["stages"])
     report = (
         "# mmtune multimodal demo report\n\n"
-        "A tiny Llama-style LM (after a short text SFT) composed with a tiny SigLIP tower (Phi-4 tiling, "
-        "phi4_avgpool projector) and a tiny Conformer (MLP projector), with a vision and a speech LoRA picked by "
-        "the modality router (text -> base model). Stages follow Phi-4-multimodal.\n\n"
+        "The tiny built-in LM composed with a tiny SigLIP tower (Phi-4 tiling, phi4_avgpool projector) and a tiny "
+        "Conformer (MLP projector), with a vision and a speech LoRA picked by the modality router (text -> base "
+        "model), trained with Phi-4-multimodal's stages on built-in data (see mmtune/multimodal/demo.py for the "
+        "data subsets and metrics).\n\n"
         f"{stages}\n\n"
-        "Scores on held-out draws after each stage (`before`: the composed model before training). EM = exact "
-        "match of the greedy answer; token acc. = teacher-forced next-token accuracy on the answer tokens. "
-        "`control`: the final model with each sample's image/audio swapped for another sample's, i.e. what "
-        "priors alone score. The text row runs through the router's text route (adapters off): the multimodal "
-        "stages leave it unchanged.\n\n"
+        "Scores on held-out draws before training and after each stage. EM = exact match of the greedy answer; "
+        "token acc. = teacher-forced next-token accuracy on the answer tokens (end-of-turn token included). "
+        "`control`: the final model with each sample's image/audio swapped for another sample's: what priors "
+        "alone score. The text rows run through the router's text route (adapters off): the multimodal stages "
+        "leave it unchanged, to the last bit of its logits.\n\n"
         f"{table}\n\nTotal time: {minutes:.1f} min.\n\nChat with the result:\n\n"
         f"    mmtune chat {result['final_dir']} --image IMAGE.png\n")
     (out / "report.md").write_text(report)

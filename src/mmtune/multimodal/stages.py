@@ -133,8 +133,6 @@ def apply_stage(model: ComposedModel, stage: StageConfig, default_lr: float, log
     if not names:
         raise ConfigError(f"stage '{stage.name}' trains nothing: set at least one of {', '.join(COMPONENTS)} "
                           "to lora or full under `trainable`")
-    if model.training is False:
-        model.train()
     plan = StagePlan(stage.name, sorted(names), sum(per_component.values()), per_component, groups, stage.adapter,
                      modes)
     (log_fn or log.info)(plan.summary())
