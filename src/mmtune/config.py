@@ -27,7 +27,8 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     path: str = Field("builtin:tiny", description="Local Hugging Face model directory, or `builtin:tiny` "
-                      "for the tiny Llama-style model mmtune builds in code (no download).")
+                      "for the tiny Llama-style model mmtune builds in code (no download), or "
+                      "`builtin:tiny-pretrained` for it after the demo's continued pretraining.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype. `auto`: bfloat16 on a GPU that supports it, else float32.")
     quantization: Literal["none", "nf4", "fp4"] = Field(
@@ -80,6 +81,13 @@ class DataConfig(Section):
     loss_on: Literal["assistant", "all", "last_turn"] = Field(
         "assistant", description="Tokens that carry loss: every assistant turn (default), the whole "
         "sequence (train on prompt), or the last assistant turn only.")
+    reasoning: Literal["rationale", "final_answer", "no_rationale"] = Field(
+        "rationale", description="Chain-of-thought answers (\"... Answer: 36\"): `rationale` trains on the "
+        "whole answer, `final_answer` keeps the rationale in the context but puts loss only on the text from "
+        "the last `answer_marker` on, `no_rationale` cuts the rationale out (the model learns to answer "
+        "directly). Answers without the marker are unaffected.")
+    answer_marker: str = Field("Answer:", min_length=1, description="Text that introduces the final answer "
+                               "in chain-of-thought data.")
     truncation: bool = Field(False, description="Cut samples longer than max_length (dropping, counting and "
                              "reporting any left with no supervised token). When false an overlong sample is "
                              "a bad record.")
@@ -128,6 +136,8 @@ class DPOConfig(Section):
                                                  "(Azar 2023).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed rate of flipped "
                                    "preference labels.")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an added per-token NLL loss on the chosen "
+                              "response (RPO / TRL's rpo_alpha); 0 is plain DPO.")
     precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training and "
                                  "cache them in the examples (saves a forward pass per step).")
 

@@ -19,7 +19,9 @@ from .config import validate_recipe
 from .data.builtin import TASKS, builtin_records
 
 
-def _recipe(objective: str, model_path: str, out: Path, **over) -> dict:
+def stage_recipe(objective: str, model_path: str, out: Path, **over):
+    """The validated recipe of one demo stage: ``pretrain`` (full weights, corpus + questions as
+    text) or ``sft`` (LoRA r=32 on the built-in tasks); ``over`` updates sections."""
     r = {
         "objective": objective,
         "model": {"path": model_path},
@@ -34,7 +36,7 @@ def _recipe(objective: str, model_path: str, out: Path, **over) -> dict:
     }
     for k, v in over.items():
         r[k].update(v)
-    return r
+    return validate_recipe(r)
 
 
 def _evaluate(model_dir: Path, records: list[dict], template_name: str = "auto") -> dict:
@@ -67,13 +69,13 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> None:
 
 def run_demo(output: str = "runs/demo", quick: bool = False, log=print) -> dict:
     from .export import export_checkpoint
-    from .models.tiny import ensure_tiny
+    from .models.tiny import PRETRAIN_STEPS, ensure_tiny
     from .train.run import run_recipe
 
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    pre_steps, sft_steps = (8, 8) if quick else (300, 400)
+    pre_steps, sft_steps = (8, 8) if quick else (PRETRAIN_STEPS, 400)
     log("[1/4] building the tiny built-in model (cached after the first run)")
     base = ensure_tiny()
     eval_records = builtin_records("instruct-eval")
@@ -82,14 +84,14 @@ def run_demo(output: str = "runs/demo", quick: bool = False, log=print) -> dict:
     scores = {"random init": _evaluate(base, eval_records)}
 
     log(f"[2/4] continued pretraining on the built-in corpus ({pre_steps} steps, full weights)")
-    pre = validate_recipe(_recipe("pretrain", str(base), out / "pretrain", train={"max_steps": pre_steps}))
+    pre = stage_recipe("pretrain", str(base), out / "pretrain", train={"max_steps": pre_steps})
     run_recipe(pre, overwrite=True, log=log)
     pretrained = export_checkpoint(out / "pretrain" / "final", out / "pretrained-model")
     scores["after pretraining"] = _evaluate(pretrained, eval_records)
 
     log(f"[3/4] LoRA SFT on built-in tasks ({sft_steps} steps)")
-    sft = validate_recipe(_recipe("sft", str(pretrained), out / "sft", train={"max_steps": sft_steps},
-                                  data={"eval_sources": [{"path": "builtin:instruct-eval"}]}))
+    sft = stage_recipe("sft", str(pretrained), out / "sft", train={"max_steps": sft_steps},
+                       data={"eval_sources": [{"path": "builtin:instruct-eval"}]})
     sft.train.eval_prompts = ["What is 3 + 4?", "Reverse the words: sun moon star"]
     run_recipe(sft, overwrite=True, log=log)
     scores["after LoRA SFT"] = _evaluate(out / "sft" / "final", eval_records)

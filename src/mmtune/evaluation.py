@@ -1,7 +1,9 @@
 """Evaluation of causal LMs: exact-match accuracy of greedy answers, per task, and eval loss.
 
 Exact match compares the stripped generated text with the reference answer (the last
-assistant turn of a record). The prompt is rendered with the same chat template as training.
+assistant turn of a record). For chain-of-thought references ("... Answer: 36") only the final
+answers are compared: the text after the last answer marker in each (the whole generation when it
+has no marker, as from a model trained with ``data.reasoning: no_rationale``). The prompt is rendered with the same chat template as training.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ def greedy_answers(model, tokenizer, template, prompts: list[list[dict]], max_ne
     return outs
 
 
-def exact_match(model, tokenizer, template, records: list[dict], max_new_tokens: int = 32) -> dict:
+def final_answer(text: str, marker: str | None) -> str:
+    """The text after the last ``marker`` (the whole text when it has none)."""
+    return text.rsplit(marker, 1)[1] if marker and marker in text else text
+
+
+def exact_match(model, tokenizer, template, records: list[dict], max_new_tokens: int = 32,
+                answer_marker: str | None = "Answer:") -> dict:
     """Exact-match accuracy over records (alpaca / sharegpt / messages), overall and per ``task``."""
     from .data.formats import detect_format, normalize
 
@@ -63,6 +71,8 @@ def exact_match(model, tokenizer, template, records: list[dict], max_new_tokens:
     answers = greedy_answers(model, tokenizer, template, prompts, max_new_tokens)
     hits: dict[str, list[int]] = defaultdict(list)
     for a, r, t in zip(answers, refs, tasks):
+        if answer_marker and answer_marker in r:
+            a, r = final_answer(a, answer_marker), final_answer(r, answer_marker)
         ok = int(normalize_answer(a) == normalize_answer(r))
         hits[t].append(ok)
         hits["all"].append(ok) if t != "all" else None
@@ -113,6 +123,6 @@ def eval_recipe(recipe, checkpoint: str | None = None, max_new_tokens: int = 32)
             if err is not None:
                 raise err
             records.append(raw)
-    metrics = exact_match(model, tokenizer, template, records, max_new_tokens)
+    metrics = exact_match(model, tokenizer, template, records, max_new_tokens, recipe.data.answer_marker)
     metrics.pop("examples", None)
     return metrics

@@ -218,3 +218,38 @@ def test_inspect_shows_record_template_and_supervised_tokens(tmp_path, chatml_to
     assert "4 records -> 4 examples" in plain and "\033[" not in plain
     colored = inspect_data(recipe, chatml_tokenizer, n=1, color=True)
     assert "\033[32m0\u00a6<|im_end|>\u00a6\033[0m" in colored
+
+
+@pytest.mark.parametrize("mode", ["rationale", "final_answer", "no_rationale"])
+def test_reasoning_modes_supervise_rationale_or_final_answer(tmp_path, chatml_tokenizer, h, mode):
+    cot = [{"instruction": "What is 17 + 5?", "input": "", "output": "Ones: 7 + 5 = 12. 10 + 12 = 22. Answer: 22"},
+           {"instruction": "Say hi", "input": "", "output": "hi there"}]  # no marker: never changed
+    path = h.write_jsonl(tmp_path / "cot.jsonl", cot)
+    train, _, _ = build_datasets(cfg(path, reasoning=mode), chatml_tokenizer, "sft", seed=0, progress=False)
+    by_prompt = {chatml_tokenizer.decode(e["input_ids"]).split("\n")[1]: e for e in train}
+    sup = {k: chatml_tokenizer.decode([x for x in e["labels"] if x != -100]) for k, e in by_prompt.items()}
+    text = {k: chatml_tokenizer.decode(e["input_ids"]) for k, e in by_prompt.items()}
+    assert sup["Say hi<|im_end|>"] == "hi there<|im_end|>"
+    q = "What is 17 + 5?<|im_end|>"
+    if mode == "rationale":
+        assert sup[q] == cot[0]["output"] + "<|im_end|>"
+    elif mode == "final_answer":  # the rationale is in the input but carries no loss
+        assert sup[q] == "Answer: 22<|im_end|>" and "Ones: 7 + 5 = 12." in text[q]
+    else:  # the rationale is gone from the input too
+        assert sup[q] == "22<|im_end|>" and "Ones:" not in text[q]
+
+
+def test_reasoning_mode_is_part_of_the_cache_key(tmp_path, chatml_tokenizer, h):
+    path = h.write_jsonl(tmp_path / "cot.jsonl", [{"instruction": "q", "input": "", "output": "a b. Answer: c"}])
+    runs = [build_datasets(cfg(path, reasoning=m, cache_dir=str(tmp_path / "c")), chatml_tokenizer, "sft",
+                           progress=False)[0][0]["labels"] for m in ("rationale", "final_answer", "rationale")]
+    assert runs[0] != runs[1] and runs[0] == runs[2]
+
+
+def test_exact_match_compares_final_answers_of_chain_of_thought():
+    from mmtune.evaluation import final_answer, normalize_answer
+
+    ref = "Tens: 10 + 0 = 10. Ones: 7 + 5 = 12. 10 + 12 = 22. Answer: 22"
+    assert normalize_answer(final_answer("Tens: wrong. Answer: 22", "Answer:")) == normalize_answer(final_answer(ref, "Answer:"))
+    assert normalize_answer(final_answer("22", "Answer:")) == "22"
+    assert normalize_answer(final_answer("Answer: 23", "Answer:")) != "22"

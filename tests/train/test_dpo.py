@@ -86,6 +86,19 @@ def test_dpo_loss_matches_hand_computation(tiny, loss_type, ls):
     assert out.count == 2
 
 
+def test_sft_weight_adds_per_token_nll_of_chosen(tiny):
+    base, tok = tiny
+    base = copy.deepcopy(base).double()
+    policy = lora(base)
+    batch, exs = pairs_batch(tok)
+    plain = DPOObjective(0.3)(policy, batch)
+    rpo = DPOObjective(0.3, sft_weight=0.7)(policy, batch)
+    nll = [-manual_logp(policy, ex["chosen_ids"], ex["chosen_labels"])
+           / sum(x != -100 for x in ex["chosen_labels"][1:]) for ex in exs]
+    assert abs(float(rpo.loss_sum.detach()) - float(plain.loss_sum.detach()) - 0.7 * sum(nll)) <= 1e-6
+    assert abs(rpo.metrics["nll/chosen"] - sum(nll) / 2) <= 1e-6
+
+
 def test_disabled_adapter_reference_equals_frozen_copy(tiny):
     base, tok = tiny
     frozen = copy.deepcopy(base).eval()

@@ -52,7 +52,7 @@ def inspect_data(recipe, tokenizer, n: int = 3, color: bool = True) -> str:
     b = (lambda s: f"{BOLD}{s}{RESET}") if color else (lambda s: s)
     template = get_template(data.template, tokenizer, system_prompt=data.system_prompt)
     loss_on = effective_loss_on(recipe.objective, data.loss_on)
-    settings = EncodeSettings(data.max_length, loss_on, data.truncation, data.add_eos)
+    settings = EncodeSettings.from_config(data, loss_on)
     legend = "green" if color else f"between {OPEN} and {CLOSE}"
     lines = [b(f"template: {template.name}; loss on: {loss_on}; supervised tokens are {legend}; tokens are "
                f"separated by {SEP}; stop tokens: {template.stop_token_ids}")]

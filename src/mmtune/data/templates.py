@@ -72,13 +72,18 @@ class ChatTemplate(abc.ABC):
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.render_spans(self.with_system(messages), add_generation_prompt)[0]
 
-    def encode(self, messages: list[dict], loss_on: LossOn = "assistant") -> tuple[list[int], list[int]]:
+    def encode(self, messages: list[dict], loss_on: LossOn = "assistant",
+               answer_marker: str | None = None) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of a whole conversation for training.
 
         ``loss_on``: ``assistant`` supervises every assistant turn, ``last_turn`` only the last
-        one, ``all`` every token. The first label is always -100.
+        one, ``all`` every token. The first label is always -100. With ``answer_marker`` (e.g.
+        "Answer:"), a supervised assistant turn containing it is supervised only from its last
+        occurrence on: the rationale before it stays in the context without loss.
         """
         text, spans = self.render_spans(self.with_system(messages), False)
+        if answer_marker:
+            spans = [(max(a, text.rfind(answer_marker, a, b)), b) for a, b in spans]
         if loss_on == "last_turn":
             spans = spans[-1:]
         elif loss_on == "all":

@@ -49,6 +49,13 @@ class EncodeSettings:
     loss_on: str
     truncation: bool
     add_eos: bool
+    reasoning: str = "rationale"  # rationale | final_answer | no_rationale (see DataConfig.reasoning)
+    answer_marker: str = "Answer:"
+
+    @classmethod
+    def from_config(cls, data_cfg, loss_on: str) -> EncodeSettings:
+        return cls(data_cfg.max_length, loss_on, data_cfg.truncation, data_cfg.add_eos,
+                   data_cfg.reasoning, data_cfg.answer_marker)
 
 
 @dataclass
@@ -105,7 +112,12 @@ def encode_sample(sample: dict, template: ChatTemplate, settings: EncodeSettings
     left with nothing supervised."""
     tok = template.tokenizer
     if "messages" in sample:
-        ids, labels = template.encode(sample["messages"], settings.loss_on)
+        messages, marker = sample["messages"], None
+        if settings.reasoning == "no_rationale":
+            messages = drop_rationale(messages, settings.answer_marker)
+        elif settings.reasoning == "final_answer":
+            marker = settings.answer_marker
+        ids, labels = template.encode(messages, settings.loss_on, answer_marker=marker)
     else:
         ids = list(tok(sample["text"], add_special_tokens=False)["input_ids"])
         if settings.add_eos:
@@ -128,6 +140,18 @@ def encode_sample(sample: dict, template: ChatTemplate, settings: EncodeSettings
             return [], [], True
         raise DataError(None, None, "sample has no supervised token (nothing to learn from)", "no_supervised_tokens")
     return ids, labels, truncated
+
+
+def drop_rationale(messages: list[dict], marker: str) -> list[dict]:
+    """Assistant turns containing ``marker`` cut to the text after its last occurrence: a
+    chain-of-thought answer "... Answer: 36" becomes "36" (the model learns to answer directly)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if m["role"] == "assistant" and isinstance(content, str) and marker in content:
+            m = {**m, "content": content.rsplit(marker, 1)[1].strip()}
+        out.append(m)
+    return out
 
 
 # Worker state for multiprocessing: the template (holding the tokenizer) is sent once per process.
@@ -276,7 +300,7 @@ def build_datasets(data_cfg, tokenizer, objective="sft", seed: int = 0, *, progr
     mixture_counts([1] * len(data_cfg.sources), data_cfg.sources)  # weight/repeat conflicts fail before any work
     template = get_template(data_cfg.template, tokenizer, system_prompt=data_cfg.system_prompt)
     loss_on = effective_loss_on(objective, data_cfg.loss_on)
-    settings = EncodeSettings(data_cfg.max_length, loss_on, data_cfg.truncation, data_cfg.add_eos)
+    settings = EncodeSettings.from_config(data_cfg, loss_on)
     policy = data_cfg.on_bad_record
     stats = BadRecordStats()
 

@@ -29,7 +29,7 @@ from ..train.loop import Trainer, seed_everything
 from .config import StageConfig
 from .model import CONFIG_FILE, ComposedModel, build_composed_model, load_composed
 
-MM_OBJECTIVES = ("sft", "pretrain")
+MM_OBJECTIVES = ("sft", "pretrain", "dpo")
 
 
 def stage_dir(output_dir: str | Path, index: int, stage: StageConfig) -> Path:
@@ -94,6 +94,23 @@ def build_stage_data(recipe: Recipe, stage: StageConfig, model: ComposedModel, t
     return train, (evals or None), partial(collate_mm, pad_id=pad), report
 
 
+def build_stage_pairs(recipe: Recipe, stage: StageConfig, model: ComposedModel, template, cache=None, log=print):
+    """``(train_pairs, eval_pairs, collate_fn, objective, n_pairs)`` of a DPO stage (pairs are
+    never packed: chosen and rejected run side by side)."""
+    from .data import LengthPolicy
+    from .preference import MultimodalDPOObjective, build_mm_pairs, collate_mm_pairs
+
+    data, dpo = recipe.data, recipe.dpo
+    policy = LengthPolicy(data.max_length, data.truncation, "last_turn")
+    train = build_mm_pairs(stage.sources, model, template, policy, data.on_bad_record, recipe.train.seed, cache, log)
+    evals = (build_mm_pairs(stage.eval_sources, model, template, policy, data.on_bad_record, recipe.train.seed,
+                            cache, lambda m: log("eval " + m)) if stage.eval_sources else [])
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    objective = MultimodalDPOObjective(dpo.beta, dpo.loss_type, dpo.label_smoothing, dpo.sft_weight)
+    return train, (evals or None), partial(collate_mm_pairs, pad_id=pad), objective, len(train)
+
+
 def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, log=print,
                           on_stage_end: Callable | None = None, cache_root: str | Path | None = None,
                           stop_flag: Callable[[], bool] | None = None) -> dict:
@@ -107,6 +124,7 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
     from ..data.templates import get_template
     from .data import MediaCache
     from .objective import MultimodalObjective
+    from .preference import precompute_mm_reference
     from .stages import apply_stage
 
     mm = recipe.multimodal
@@ -136,7 +154,12 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
         sdir = Path(cfg.output_dir)
         sdir.mkdir(parents=True, exist_ok=True)
         log(f"[stage {i + 1}/{len(mm.stages)}] {stage.name}")
-        rows, eval_rows, collate, report = build_stage_data(recipe, stage, model, template, cache, log)
+        if recipe.objective == "dpo":
+            rows, eval_rows, collate, objective, n_examples = build_stage_pairs(recipe, stage, model, template, cache,
+                                                                                log)
+        else:
+            rows, eval_rows, collate, report = build_stage_data(recipe, stage, model, template, cache, log)
+            objective, n_examples = MultimodalObjective(), report.examples
         plan = apply_stage(model, stage, recipe.train.lr, log_fn=log)
         (sdir / "trainable_parameters.txt").write_text("\n".join(plan.trainable) + "\n")
         rows, skipped = _drop_untrained(rows, model, plan)
@@ -145,7 +168,11 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
             log(f"  {sum(skipped.values())} rows route through nothing this stage trains and are left out: "
                 + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
         model.router.reset_counts()
-        trainer = Trainer(model, MultimodalObjective(), rows, collate, cfg, eval_rows=eval_rows or None,
+        if recipe.objective == "dpo":  # the reference is the model as this stage starts
+            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else \
+                model.tokenizer.eos_token_id
+            precompute_mm_reference(model, rows + (eval_rows or []), pad, cfg.batch_size, progress=cfg.progress)
+        trainer = Trainer(model, objective, rows, collate, cfg, eval_rows=eval_rows or None,
                           optimizer_groups=plan.groups, tokenizer=model.tokenizer,
                           recipe=recipe.model_dump(mode="json"),
                           meta={"kind": "composed", "stage": stage.name, "objective": recipe.objective,
@@ -160,7 +187,7 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
         composed = model.save(sdir / "composed")
         log(f"  stage done: {result['steps']} steps, final loss {result['final_loss']:.4f}"
             + (f", eval loss {result['eval_loss']:.4f}" if "eval_loss" in result else "") + f"; saved {composed}")
-        results.append({"stage": stage.name, "trainable": plan.count, "examples": report.examples,
+        results.append({"stage": stage.name, "trainable": plan.count, "examples": n_examples,
                         **{k: v for k, v in result.items() if k != "samples"}})
         if on_stage_end is not None:
             on_stage_end(stage.name, result, model)

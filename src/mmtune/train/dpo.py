@@ -9,6 +9,11 @@ summed over response tokens):
   (``eps`` = label smoothing, the conservative DPO of Mitchell 2023; eps = 0 is plain DPO);
 - IPO: ``loss = (h - 1 / (2 * beta))^2`` (Azar et al. 2023, eq. 17, on summed log-probs).
 
+With ``sft_weight`` alpha > 0 the per-token negative log-likelihood of the chosen response is
+added, ``loss += alpha * (-log pi(y_w|x) / |y_w|)`` (RPO, Pang et al. 2024; TRL's ``rpo_alpha``;
+Llama 3 adds the same term): DPO alone can lower both responses' likelihood, the NLL term keeps the
+chosen one likely, which matters when starting from a weak model.
+
 Rewards are ``beta * (log pi - log ref)``; preference accuracy is the share of pairs whose
 chosen reward exceeds the rejected one.
 
@@ -90,8 +95,10 @@ class DPOObjective(Objective):
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ref_model=None):
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ref_model=None,
+                 sft_weight: float = 0.0):
         self.beta, self.loss_type, self.label_smoothing, self.ref_model = beta, loss_type, label_smoothing, ref_model
+        self.sft_weight = sft_weight
 
     def count(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -105,6 +112,11 @@ class DPOObjective(Objective):
         out = model(**model_inputs(batch), use_cache=False)
         pol = sequence_logps(out.logits, batch["labels"])
         losses, metrics = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.beta, self.loss_type, self.label_smoothing)
+        if self.sft_weight > 0:
+            n_tokens = (batch["labels"][:n, 1:] != -100).sum(-1).clamp(min=1)
+            nll = -pol[:n] / n_tokens
+            losses = losses + self.sft_weight * nll
+            metrics["nll/chosen"] = float(nll.detach().mean())
         return LossOutput(losses.sum(), n, out, metrics)
 
 

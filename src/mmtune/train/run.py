@@ -77,9 +77,10 @@ def build_preference_data(recipe: Recipe, template, log=print):
     return train, (ev or None), partial(collate_pairs, pad_id=pad_id)
 
 
-def make_dpo_objective(recipe: Recipe, model, rows, collate, log=print):
+def make_dpo_objective(recipe: Recipe, model, rows, collate, log=print, eval_rows=()):
     """DPO against the frozen starting model: the base with adapters disabled for LoRA, a frozen
-    copy for full fine-tuning; reference log-probs optionally precomputed once."""
+    copy for full fine-tuning; reference log-probs optionally precomputed once (for the training
+    and the eval pairs, after which the frozen copy is released)."""
     import copy
 
     from .dpo import DPOObjective, precompute_reference_logps
@@ -90,10 +91,11 @@ def make_dpo_objective(recipe: Recipe, model, rows, collate, log=print):
         log("dpo: full fine-tuning, reference = a frozen copy of the starting model")
     cfg = recipe.dpo
     if cfg.precompute_ref:
-        precompute_reference_logps(model, rows, collate, recipe.train.batch_size, ref_model,
-                                   progress=recipe.train.progress)
+        for part in (rows, eval_rows):
+            precompute_reference_logps(model, part, collate, recipe.train.batch_size, ref_model,
+                                       progress=recipe.train.progress)
         ref_model = None  # no longer needed: the batches carry ref_logps
-    return DPOObjective(cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model)
+    return DPOObjective(cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model, cfg.sft_weight)
 
 
 def run_recipe(recipe: Recipe, resume=False, overwrite: bool = False, log=print, stop_flag=None) -> dict:
@@ -138,7 +140,7 @@ def run_recipe(recipe: Recipe, resume=False, overwrite: bool = False, log=print,
         model = model.to(ctx.device)
     log(trainable_summary(model))
     if recipe.objective == "dpo":
-        objective = make_dpo_objective(recipe, model, rows, collate, log)
+        objective = make_dpo_objective(recipe, model, rows, collate, log, eval_rows or ())
     else:
         objective = OBJECTIVES.get(recipe.objective)()
     par = wrap_model(model, recipe.distributed, ctx, train_cfg=recipe.train,
