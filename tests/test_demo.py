@@ -20,13 +20,13 @@ def test_quick_demo_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_sft_lifts_held_out_accuracy(tmp_path):
-    """The full `make demo` run (about 3.5 min on 2 idle cores): measured 0.0% before, 35.6% after
-    (reverse 100%, add 6.7%); the floor leaves room for thread-count noise."""
+    """The full `make demo` run (about 4 min on 2 idle cores): measured 0.0% before, 65.0% after
+    (add, step by step, 95%; reverse 100%; capital 0%); the floors leave room for noise."""
     from mmtune.demo import run_demo
 
     scores = run_demo(str(tmp_path), log=lambda *a, **k: None)
     before, after = scores["after pretraining"], scores["after LoRA SFT"]
     assert after["n"] == 180
     assert before["exact_match"] <= 0.05
-    assert after["exact_match/reverse"] >= 0.8
-    assert after["exact_match"] >= before["exact_match"] + 0.25
+    assert after["exact_match/reverse"] >= 0.8 and after["exact_match/add"] >= 0.7
+    assert after["exact_match"] >= before["exact_match"] + 0.5

@@ -1,9 +1,9 @@
 """Evaluation of causal LMs: exact-match accuracy of greedy answers, per task, and eval loss.
 
 Exact match compares the stripped generated text with the reference answer (the last
-assistant turn of a record). For chain-of-thought references ("... Answer: 36") only the final
-answers are compared: the text after the last answer marker in each (the whole generation when it
-has no marker, as from a model trained with ``data.reasoning: no_rationale``). The prompt is rendered with the same chat template as training.
+assistant turn of a record). Chain-of-thought answers ("... Answer: 36") are compared by their final
+answers: the text after the last answer marker, in the generation and in the reference alike
+(a text without the marker counts whole, so "Answer: 36" matches a reference "36"). The prompt is rendered with the same chat template as training.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def exact_match(model, tokenizer, template, records: list[dict], max_new_tokens:
     answers = greedy_answers(model, tokenizer, template, prompts, max_new_tokens)
     hits: dict[str, list[int]] = defaultdict(list)
     for a, r, t in zip(answers, refs, tasks):
-        if answer_marker and answer_marker in r:
+        if answer_marker:
             a, r = final_answer(a, answer_marker), final_answer(r, answer_marker)
         ok = int(normalize_answer(a) == normalize_answer(r))
         hits[t].append(ok)

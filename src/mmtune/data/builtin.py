@@ -152,7 +152,8 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
     Names: ``corpus`` (text documents), ``instruct-text`` (the training questions and answers
     as plain text), ``instruct`` / ``instruct-eval`` (all tasks),
     ``TASK`` / ``TASK-eval`` for one task (add, reverse, capital), ``prefs`` / ``prefs-eval``
-    (preference pairs), ``cot-add`` / ``cot-add-eval`` (addition with a rationale).
+    (preference pairs), ``cot-add`` / ``cot-add-eval`` (addition with a rationale),
+    ``instruct-cot`` / ``instruct-cot-eval`` (all tasks, addition with a rationale).
     """
     if name == "corpus":
         return [{"text": d} for d in corpus(seed=seed)]
@@ -166,6 +167,10 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
         return preference_pairs(split, n, seed)
     if base == "cot-add":
         return cot_items(split, n, seed)
+    if base == "instruct-cot":  # the instruct mix with addition answered step by step
+        rows = [r for t in TASKS if t != "add" for r in task_items(t, split, n, seed)] + cot_items(split, n, seed)
+        random.Random(f"mix-cot-{seed}-{split}").shuffle(rows)
+        return rows
     if base == "instruct":
         return instruction_mix(split, n, seed)
     if base in TASKS:
@@ -174,5 +179,5 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
 
 
 def builtin_names() -> list[str]:
-    names = ["instruct", "prefs", "cot-add", *TASKS]
+    names = ["instruct", "instruct-cot", "prefs", "cot-add", *TASKS]
     return ["corpus", "instruct-text"] + [v for n in names for v in (n, f"{n}-eval")]
