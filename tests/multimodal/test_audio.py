@@ -22,16 +22,6 @@ from mmtune.multimodal.audio import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a shared 2-core machine thread
-    contention made these tests 10-30x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _test_signal(n, seed=0):
     """Noise plus two tones: every Mel band holds energy far above the log floor."""
     rng = np.random.default_rng(seed)

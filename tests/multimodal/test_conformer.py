@@ -22,17 +22,6 @@ from mmtune.multimodal.conformer import (
     save_conformer,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine thread
-    contention made these tests 10x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(d_model=32, n_layers=2, n_heads=4, ffn_dim=48, subsampling_channels=8, bias_max_distance=64)
 
 

@@ -17,14 +17,6 @@ from mmtune.multimodal.synthetic_audio import speak
 from mmtune.multimodal.synthetic_images import make_shapes_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_composed(cache_root=tmp_path_factory.mktemp("cache"))

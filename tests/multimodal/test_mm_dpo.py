@@ -20,14 +20,6 @@ from mmtune.multimodal.preference import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory):
     recipe = load_recipe("mm-phi4-vision-speech")

@@ -24,14 +24,6 @@ from mmtune.multimodal.synthetic_audio import procedural_speech
 from mmtune.multimodal.synthetic_images import make_ocr_dataset, make_shapes_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.manual_seed(0)

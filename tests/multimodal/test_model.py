@@ -14,14 +14,6 @@ from mmtune.multimodal.synthetic_audio import procedural_speech
 from mmtune.multimodal.synthetic_images import make_ocr_dataset, make_shapes_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturb(model, seed=0):
     """Random LoRA B (adapters start as the identity) and larger projector weights, so that every
     component visibly changes the output."""

@@ -12,14 +12,6 @@ from mmtune.multimodal.run import find_composed, run_multimodal_recipe
 MM_RECIPES = ("mm-phi4-vision", "mm-phi4-speech", "mm-phi4-vision-speech", "mm-internvl")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", MM_RECIPES)
 def test_recipe_validates_and_names_its_command(name):
     assert name in list_recipes()

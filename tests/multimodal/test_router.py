@@ -17,14 +17,6 @@ from mmtune.multimodal.synthetic_images import make_shapes_dataset
 from mmtune.train.objectives import shifted_token_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     model = tiny_composed(cache_root=tmp_path_factory.mktemp("cache")).eval()

@@ -28,14 +28,6 @@ def audio_projector(name):
     return [f"{name}.mlp.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")

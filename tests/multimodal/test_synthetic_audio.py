@@ -24,16 +24,6 @@ from mmtune.multimodal.synthetic_audio import (
     word_chord,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a shared 2-core machine thread
-    contention made these tests 10-30x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 needs_espeak = pytest.mark.skipif(not espeak_available(),
                                   reason="espeak-ng not installed (apt-get install -y espeak-ng)")
 

@@ -517,6 +517,32 @@ def _locate(e: DataError, path: str, line, rec_id: str) -> DataError:
     return DataError(path, line, problem, e.reason, e.field)
 
 
+def encode_records(path: str, seed: int, max_records: int | None, encode, on_bad_record: str,
+                   stats: BadRecordStats):
+    """``encode(raw)`` of each record of ``path`` (until ``max_records`` are kept), yielding its
+    result: an example, a drop reason (str), or None for a bad record skipped under
+    ``on_bad_record: skip`` (counted in ``stats``). A bad record otherwise raises a DataError
+    naming the file, line and record id."""
+    kept = 0
+    for line, raw, err in iter_raw(path, seed):
+        if max_records is not None and kept >= max_records:
+            return
+        rec_id = str(raw.get("id", "")) if isinstance(raw, dict) else ""
+        try:
+            if err is not None:
+                raise err
+            out = encode(raw)
+        except DataError as e:
+            located = e if e.path else _locate(e, path, line, rec_id)
+            if on_bad_record == "error":
+                raise located from None
+            stats.add(located)
+            yield None
+            continue
+        kept += not isinstance(out, str)
+        yield out
+
+
 def build_mm_examples(sources: Sequence, model: ComposedModel, template, policy: LengthPolicy,
                       on_bad_record: str = "error", seed: int = 0,
                       cache: MediaCache | None = None) -> tuple[list[dict], MMDataReport]:
@@ -533,28 +559,19 @@ def build_mm_examples(sources: Sequence, model: ComposedModel, template, policy:
             path = str(builtin_source(path[len("builtin:"):], src.max_records, seed))
         root = Path(src.data_root) if src.data_root else Path(path).parent
         kept: list[dict] = []
-        for line, raw, err in iter_raw(path, seed):
-            if src.max_records is not None and len(kept) >= src.max_records:
-                break
+
+        def encode(raw, root=root, fmt=src.format):
+            sample = normalize_mm_record(raw, fmt, root)
+            images = [cache.get(m) for m in sample["images"]]
+            audios = [cache.get(m) for m in sample["audios"]]
+            return encode_mm_sample(sample, images, audios, model, template, policy)
+
+        for ex in encode_records(path, seed, src.max_records, encode, on_bad_record, stats):
             report.records += 1
-            rec_id = str(raw.get("id", "")) if isinstance(raw, dict) else ""
-            try:
-                if err is not None:
-                    raise err
-                sample = normalize_mm_record(raw, src.format, root)
-                images = [cache.get(m) for m in sample["images"]]
-                audios = [cache.get(m) for m in sample["audios"]]
-                ex = encode_mm_sample(sample, images, audios, model, template, policy)
-            except DataError as e:
-                located = e if e.path else _locate(e, path, line, rec_id)
-                if on_bad_record == "error":
-                    raise located from None
-                stats.add(located)
-                continue
             if isinstance(ex, str):
                 report.dropped[ex] += 1
-                continue
-            kept.append(ex)
+            elif ex is not None:
+                kept.append(ex)
         per_source.append(kept)
     report.dropped.update(stats.counts)
     report.bad_examples = stats.examples()

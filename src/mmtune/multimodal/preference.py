@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 
 from ..data.preference import _response
-from ..data.sources import BadRecordStats, iter_raw, take
+from ..data.sources import BadRecordStats, take
 from ..errors import DataError, MMTuneError
 from ..train.dpo import dpo_loss, sequence_logps
 from ..train.objectives import LossOutput, Objective
 from .data import (
     LengthPolicy,
     MediaCache,
-    _locate,
     builtin_source,
     detect_mm_format,
     encode_mm_sample,
+    encode_records,
     normalize_mm_record,
 )
 from .objective import model_batch
@@ -130,24 +130,13 @@ def build_mm_pairs(sources: Sequence, model, template, policy: LengthPolicy, on_
             path = str(builtin_pairs_source(path[len("builtin:"):], src.max_records, seed))
         root = Path(src.data_root) if src.data_root else Path(path).parent
         kept = []
-        for line, raw, err in iter_raw(path, seed):
-            if src.max_records is not None and len(kept) >= src.max_records:
-                break
-            rec_id = str(raw.get("id", "")) if isinstance(raw, dict) else ""
-            try:
-                if err is not None:
-                    raise err
-                pair = encode_mm_pair(raw, src.format, root, model, template, policy, cache)
-            except DataError as e:
-                located = e if e.path else _locate(e, path, line, rec_id)
-                if on_bad_record == "error":
-                    raise located from None
-                stats.add(located)
-                continue
+        for pair in encode_records(path, seed, src.max_records,
+                                   lambda raw, root=root, fmt=src.format: encode_mm_pair(
+                                       raw, fmt, root, model, template, policy, cache), on_bad_record, stats):
             if isinstance(pair, str):
                 dropped += 1
-                continue
-            kept.append(pair)
+            elif pair is not None:
+                kept.append(pair)
         pairs += take(kept, int(round(src.repeat * len(kept))), random.Random(f"{seed}-mm-pairs-{i}"))
     random.Random(f"{seed}-mm-pairs-shuffle").shuffle(pairs)
     groups: dict[str, int] = {}
