@@ -98,7 +98,8 @@ def test_other_pretraining_objectives_learn(name, tmp_path):
     ev = res["eval"]
     assert ev["mlm_loss"] < 0.6 * _log_vocab(res["final_dir"])  # an untrained model is at ~ln V
     if name == "albert-mlm-sop":
-        assert ev["pair_acc"] > 0.62  # order is learnable (time words), chance is 0.5
+        # order is learnable (time words), chance is 0.5; measured 0.624 on n=125 (sd ~0.045)
+        assert ev["pair_acc"] > 0.58
     if name == "electra":
         # better than calling every token original (accuracy 1 - replaced fraction); many samples
         # are plausible words of the right category, so recall stays well below 1
