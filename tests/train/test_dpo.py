@@ -161,3 +161,18 @@ def test_dpo_recipe_validates():
     assert r.objective == "dpo" and r.dpo.precompute_ref
     with pytest.raises(Exception, match="loss_type"):
         validate_recipe({"objective": "dpo", "dpo": {"loss_type": "hinge"}})
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_precomputed_reference_covers_eval_pairs(tmp_path, adapter):
+    """Full fine-tuning drops its frozen copy after precomputing: eval pairs need their own
+    reference log-probs (this crashed at the first eval before)."""
+    from mmtune.config import load_recipe
+    from mmtune.train.run import run_recipe
+
+    recipe = load_recipe("dpo", [f"train.output_dir={tmp_path}", "train.progress=false", "model.path=builtin:tiny",
+                                 f"adapter.type={adapter}", "train.max_steps=2", "train.eval_every=1",
+                                 "train.batch_size=4", "data.sources.0.max_records=8",
+                                 "data.eval_sources.0.max_records=4", "train.tensorboard=false"])
+    res = run_recipe(recipe, log=lambda *a: None)
+    assert res["steps"] == 2 and math.isfinite(res["eval_loss"])
