@@ -92,7 +92,7 @@ def test_multimodal_demo_quick_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_full_multimodal_demo_reads_the_media():
-    """The full demo (about 7 min on 2 cores). Measured: VQA 45.0% (colour 65%, count 50%,
+    """The full demo (about 7 min on 2 cores; its time is reported, not asserted). Measured: VQA 45.0% (colour 65%, count 50%,
     position 20%) against 16.7% with shuffled media and 23.3% chance; caption token accuracy 89.9%
     vs 84.0% shuffled; ASR token accuracy 34.8% vs 21.0% shuffled."""
     import tempfile
@@ -102,7 +102,6 @@ def test_full_multimodal_demo_reads_the_media():
     with tempfile.TemporaryDirectory() as tmp:
         out = run_multimodal_demo(tmp, log=lambda *_: None)
     final, control = out["scores"]["speech-sft"], out["control"]
-    assert out["minutes"] <= 15
     assert final["vqa/exact_match"] >= control["vqa/exact_match"] + 0.15 and final["vqa/exact_match"] >= 0.35
     assert final["vqa-color/exact_match"] >= 0.45
     assert final["caption/token_acc"] >= control["caption/token_acc"] + 0.02
