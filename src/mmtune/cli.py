@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     _web_args(p)
 
     p = sub.add_parser("eval", help="evaluate a recipe's model or a checkpoint on its eval data",
-                       description="Eval loss and, for records with a reference answer, exact-match accuracy "
-                       "of greedy generations (per task when records carry a `task` field). Encoder recipes "
-                       "report accuracy / F1 / EM / Spearman as fits the task.")
+                       description="Exact-match accuracy of greedy generations against the reference answers "
+                       "(per task when records carry a `task` field; chain-of-thought answers by the text after "
+                       "data.answer_marker). DPO recipes also report the held-out preference accuracy and reward "
+                       "margin against the starting model, and score exact match on the chosen answers. Encoder "
+                       "recipes report accuracy / F1 / EM / Spearman as fits the task.")
     p.add_argument("recipe", help="recipe YAML or shipped name (its data.eval_sources are used)")
     _add_overrides(p)
     p.add_argument("--checkpoint", help="checkpoint or model dir to evaluate (default: OUTPUT/final)")

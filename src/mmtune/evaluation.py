@@ -103,7 +103,8 @@ def load_model_and_template(model_dir: str, adapter_dir: str | None = None, temp
 
 
 def eval_recipe(recipe, checkpoint: str | None = None, max_new_tokens: int = 32) -> dict:
-    """`mmtune eval`: eval loss and exact match on the recipe's eval sources."""
+    """`mmtune eval`: exact match on the recipe's eval sources, per task; for a DPO recipe also
+    the held-out preference accuracy (``pairs/...``), exact match then scoring the chosen answers."""
     from .data.sources import iter_raw
     from .train.run import is_encoder_objective
 
@@ -119,10 +120,42 @@ def eval_recipe(recipe, checkpoint: str | None = None, max_new_tokens: int = 32)
     model, tokenizer, template = load_model_and_template(target, None, recipe.data.template)
     records = []  # raw records: they keep their `task` field for per-task scores
     for src in recipe.data.eval_sources:
-        for _line, raw, err in iter_raw(src.path, recipe.train.seed):
+        for i, (_line, raw, err) in enumerate(iter_raw(src.path, recipe.train.seed)):
+            if src.max_records is not None and i >= src.max_records:
+                break
             if err is not None:
                 raise err
             records.append(raw)
-    metrics = exact_match(model, tokenizer, template, records, max_new_tokens, recipe.data.answer_marker)
+    pref = {}
+    if recipe.objective == "dpo":
+        pref, records = _preference_eval(recipe, model, tokenizer, template, records)
+    metrics = pref | exact_match(model, tokenizer, template, records, max_new_tokens, recipe.data.answer_marker)
     metrics.pop("examples", None)
     return metrics
+
+
+def _preference_eval(recipe, model, tokenizer, template, raw_pairs: list[dict]) -> tuple[dict, list[dict]]:
+    """Held-out preference accuracy of a DPO run (the reference: the adapters disabled, or the
+    recipe's starting model for full fine-tuning), and the pairs as records whose answer is the
+    chosen one, for exact match."""
+    from .data.preference import load_eval_pairs, parse_pair, preference_accuracy
+    from .train.dpo import has_adapters
+
+    ref_model = None
+    if not has_adapters(model):
+        from transformers import AutoModelForCausalLM
+
+        from .models.loading import resolve_model_path
+
+        ref_model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model.path)).eval()
+        ref_model.to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = load_eval_pairs(recipe.data, template, recipe.train.seed)
+    pref = preference_accuracy(model, pairs, pad, recipe.dpo.beta, ref_model=ref_model)
+    pref = {f"pairs/{k}": v for k, v in pref.items()}
+    records = []
+    for raw in raw_pairs:
+        prompt, chosen, _ = parse_pair(raw)
+        records.append({"messages": [*prompt, {"role": "assistant", "content": chosen}],
+                        "task": raw.get("task", "all")})
+    return pref, records

@@ -122,3 +122,21 @@ def test_lora_fits_a_batch_below_the_small_init_logit_cap(tiny_dir):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 1.0, losses
+
+
+def test_ensure_tiny_pretrained_trains_once_and_differs_from_the_random_init(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(tiny, "PRETRAIN_STEPS", 3)  # the real build runs 300 steps (~1.5 min)
+    root = tmp_path / "cache"
+    path = tiny.ensure_tiny_pretrained(root, log=lambda *a: None)
+    assert path == root / "builtin-tiny-pretrained"
+    assert json.loads((path / tiny.PRETRAINED_INFO).read_text())["steps"] == 3
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # no temporary dirs left
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert tiny.ensure_tiny_pretrained(root, log=lambda *a: None) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+    base = AutoModelForCausalLM.from_pretrained(root / "builtin-tiny")
+    trained = AutoModelForCausalLM.from_pretrained(path)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)

@@ -71,7 +71,7 @@ def test_batched_mm_dpo_loss_equals_single_sequence_hand_computation(composed, t
     pairs = _pairs(model, template, tmp_path)
     assert {p["group"] for p in pairs} == {"image", "audio", "text"}
     pad = model.tokenizer.pad_token_id
-    precompute_mm_reference(model, pairs, pad, batch_size=4, progress=False)  # reference: LoRA B = 0
+    precompute_mm_reference(model, pairs, lambda b: collate_mm_pairs(b, pad), batch_size=4, progress=False)  # reference: LoRA B = 0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -119,7 +119,7 @@ def test_dpo_stage_trains_the_routed_adapter_and_lowers_the_pair_loss(tmp_path):
         if name == "before":  # the stage's own pairs (built-in data depends on train.seed), reference = start
             seen["pairs"] = build_mm_pairs([MMSourceConfig(**source)], model, get_template("auto", model.tokenizer),
                                            LengthPolicy(512, False), seed=recipe.train.seed, log=lambda *a: None)
-            precompute_mm_reference(model, seen["pairs"], pad, progress=False)
+            precompute_mm_reference(model, seen["pairs"], lambda b: collate_mm_pairs(b, pad), progress=False)
         with torch.no_grad():
             out = MultimodalDPOObjective(0.1)(model.eval(), collate_mm_pairs(seen["pairs"], pad))
         seen[name] = {"loss": float(out.loss_sum) / out.count, **mm_preference_accuracy(model, seen["pairs"], pad)}

@@ -166,8 +166,12 @@ def test_dpo_recipe_validates():
 @pytest.mark.parametrize("adapter", ["none", "lora"])
 def test_precomputed_reference_covers_eval_pairs(tmp_path, adapter):
     """Full fine-tuning drops its frozen copy after precomputing: eval pairs need their own
-    reference log-probs (this crashed at the first eval before)."""
+    reference log-probs (this crashed at the first eval before). `mmtune eval` then reports the
+    same held-out preference accuracy as a direct computation on the trained model."""
+    from transformers import AutoModelForCausalLM
+
     from mmtune.config import load_recipe
+    from mmtune.models.loading import resolve_model_path
     from mmtune.train.run import run_recipe
 
     recipe = load_recipe("dpo", [f"train.output_dir={tmp_path}", "train.progress=false", "model.path=builtin:tiny",
@@ -176,3 +180,21 @@ def test_precomputed_reference_covers_eval_pairs(tmp_path, adapter):
                                  "data.eval_sources.0.max_records=4", "train.tensorboard=false"])
     res = run_recipe(recipe, log=lambda *a: None)
     assert res["steps"] == 2 and math.isfinite(res["eval_loss"])
+    # `mmtune eval` on the run: held-out preference accuracy against the starting model + exact match
+    from mmtune.evaluation import eval_recipe
+
+    metrics = eval_recipe(recipe, max_new_tokens=4)
+    assert metrics["pairs/n"] == metrics["n"] == 4
+    from mmtune.data.preference import load_eval_pairs, preference_accuracy
+    from mmtune.data.templates import get_template
+    from mmtune.models.loading import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path("builtin:tiny"))
+    ref = None if adapter == "lora" else AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny"))
+    pairs = load_eval_pairs(recipe.data, get_template("auto", tok), recipe.train.seed)
+    direct = preference_accuracy(res["trainer"].model, pairs,
+                                 tok.pad_token_id, recipe.dpo.beta, ref_model=ref)
+    for key in ("preference_accuracy", "logp_preference_accuracy"):
+        assert metrics[f"pairs/{key}"] == direct[key]
+    assert abs(metrics["pairs/reward_margin"] - direct["reward_margin"]) <= 1e-5
+    assert 0 <= metrics["exact_match"] <= 1

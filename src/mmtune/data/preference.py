@@ -114,12 +114,18 @@ def _load(sources, template, data_cfg, seed, stats) -> list[list[dict]]:
     return groups
 
 
+def load_eval_pairs(data_cfg, template, seed: int = 0, stats: BadRecordStats | None = None) -> list[dict]:
+    """The encoded pairs of ``data_cfg.eval_sources`` (mixture applied)."""
+    stats = stats if stats is not None else BadRecordStats()
+    return mix(_load(data_cfg.eval_sources, template, data_cfg, seed, stats), data_cfg.eval_sources, seed)
+
+
 def build_preference_datasets(data_cfg, template, seed: int = 0) -> tuple[list[dict], list[dict], PairReport]:
     report = PairReport()
     train_groups = _load(data_cfg.sources, template, data_cfg, seed, report.skipped)
     train = mix(train_groups, data_cfg.sources, seed)
     if data_cfg.eval_sources:
-        ev = mix(_load(data_cfg.eval_sources, template, data_cfg, seed, report.skipped), data_cfg.eval_sources, seed)
+        ev = load_eval_pairs(data_cfg, template, seed, report.skipped)
     else:
         train, ev = split_eval(train, data_cfg.eval_fraction, seed)
     report.pairs, report.eval_pairs = len(train), len(ev)
@@ -148,25 +154,31 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def preference_accuracy(model, examples: list[dict], pad_id: int, beta: float = 0.1, batch_size: int = 16,
                         ref_model=None) -> dict:
-    """Share of held-out pairs where the implicit reward of the chosen response exceeds the
-    rejected one, and the mean margin; also the policy-only log-prob preference."""
-    from ..train.dpo import reference_logps, sequence_logps
+    """Share of held-out pairs where the policy gives the chosen response a higher log-prob than
+    the rejected one; with a reference (``ref_model``, or a PEFT model's adapters disabled) also
+    the share whose implicit reward is higher, and the mean reward margin."""
+    from ..train.dpo import has_adapters, reference_logps, sequence_logps
     from ..train.objectives import model_inputs
 
     device = next(model.parameters()).device
     was = model.training
     model.eval()
+    with_ref = ref_model is not None or has_adapters(model)
     wins, logp_wins, margins, n = 0, 0, 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items() if k != "ref_logps"}
         pol = sequence_logps(model(**model_inputs(b), use_cache=False).logits, b["labels"])
-        ref = reference_logps(model, b, ref_model)
         k = len(chunk)
-        rc, rr = beta * (pol[:k] - ref[:k]), beta * (pol[k:] - ref[k:])
-        wins += int((rc > rr).sum())
         logp_wins += int((pol[:k] > pol[k:]).sum())
-        margins += float((rc - rr).sum())
         n += k
+        if with_ref:
+            ref = reference_logps(model, b, ref_model)
+            rc, rr = beta * (pol[:k] - ref[:k]), beta * (pol[k:] - ref[k:])
+            wins += int((rc > rr).sum())
+            margins += float((rc - rr).sum())
     model.train(was)
-    return {"preference_accuracy": wins / n, "logp_preference_accuracy": logp_wins / n, "reward_margin": margins / n}
+    out = {"logp_preference_accuracy": logp_wins / n, "n": n}
+    if with_ref:
+        out.update(preference_accuracy=wins / n, reward_margin=margins / n)
+    return out

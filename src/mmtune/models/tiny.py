@@ -141,7 +141,6 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = eos_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / BUILD_INFO).write_text(json.dumps({"version": TINY_VERSION, "seed": seed}) + "\n")
     return out
 
 
@@ -150,41 +149,45 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("MMTUNE_CACHE") or Path.cwd() / ".cache" / "mmtune")
 
 
-def _is_current(path: Path, seed: int) -> bool:
+def _has_info(path: Path, info_file: str, info: dict) -> bool:
     try:
-        info = json.loads((path / BUILD_INFO).read_text())
+        return json.loads((path / info_file).read_text()) == info and (path / "config.json").is_file()
     except (OSError, ValueError):
         return False
-    return info == {"version": TINY_VERSION, "seed": seed} and (path / "config.json").is_file()
 
 
-def ensure_tiny(cache_root: str | Path | None = None, seed: int = 0) -> Path:
-    """Return ``<cache_root>/builtin-tiny``, building it first if missing or stale.
-
-    The build goes to a temporary sibling directory that is renamed into place, so a crash or
-    a concurrent process never leaves (or sees) a half-written model.
-    """
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = root / "builtin-tiny"
-    if _is_current(target, seed):
+def _cached_build(target: Path, info_file: str, info: dict, build) -> Path:
+    """``target`` if its ``info_file`` holds ``info``; else ``build(tmp)`` writes the model into a
+    temporary sibling directory (or returns the directory inside it that holds the model), which
+    gets ``info_file`` and is renamed into place, so a crash or a concurrent process never leaves
+    (or sees) a half-written model."""
+    if _has_info(target, info_file, info):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-tiny-", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny(tmp, seed)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        built = build(tmp) or tmp
+        (built / info_file).write_text(json.dumps(info) + "\n")
+        built.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         if target.exists():  # stale: move it aside, then swap the fresh build in
-            old = Path(tempfile.mkdtemp(prefix=".builtin-tiny-old-", dir=root))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
             os.replace(target, old / "model")
             shutil.rmtree(old, ignore_errors=True)
         try:
-            os.replace(tmp, target)
+            os.replace(built, target)
         except OSError:
-            if not _is_current(target, seed):  # not a concurrent build that won the race
+            if not _has_info(target, info_file, info):  # not a concurrent build that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_tiny(cache_root: str | Path | None = None, seed: int = 0) -> Path:
+    """Return ``<cache_root>/builtin-tiny``, building it first if missing or stale (atomically)."""
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    return _cached_build(root / "builtin-tiny", BUILD_INFO, {"version": TINY_VERSION, "seed": seed},
+                         lambda tmp: build_tiny(tmp, seed))
 
 
 #: Steps of the continued-pretraining stage behind ``builtin:tiny-pretrained`` (the demo's stage 2).
@@ -205,26 +208,12 @@ def ensure_tiny_pretrained(cache_root: str | Path | None = None, log=print) -> P
     from ..train.run import run_recipe
 
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    target = root / "builtin-tiny-pretrained"
-    info = {"tiny_version": TINY_VERSION, "steps": PRETRAIN_STEPS}
-    try:
-        if json.loads((target / PRETRAINED_INFO).read_text()) == info and (target / "config.json").is_file():
-            return target
-    except (OSError, ValueError):
-        pass
-    base = ensure_tiny(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".builtin-tiny-pretrained-", dir=root))
-    try:
+
+    def build(tmp: Path) -> Path:
         log(f"building builtin:tiny-pretrained once ({PRETRAIN_STEPS} steps of continued pretraining)")
-        recipe = stage_recipe("pretrain", str(base), tmp / "run", train={"max_steps": PRETRAIN_STEPS})
+        recipe = stage_recipe("pretrain", str(ensure_tiny(root)), tmp / "run", train={"max_steps": PRETRAIN_STEPS})
         run_recipe(recipe, overwrite=True, log=lambda *a, **k: None)
-        export_checkpoint(tmp / "run" / "final", tmp / "model")
-        (tmp / "model" / PRETRAINED_INFO).write_text(json.dumps(info) + "\n")
-        (tmp / "model").chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp / "model", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return export_checkpoint(tmp / "run" / "final", tmp / "model")
+
+    return _cached_build(root / "builtin-tiny-pretrained", PRETRAINED_INFO,
+                         {"tiny_version": TINY_VERSION, "steps": PRETRAIN_STEPS}, build)

@@ -34,8 +34,8 @@ import torch
 from ..data.preference import _response
 from ..data.sources import BadRecordStats, take
 from ..errors import DataError, MMTuneError
-from ..train.dpo import dpo_loss, sequence_logps
-from ..train.objectives import LossOutput, Objective
+from ..train.dpo import DPOObjective, chosen_token_counts, sequence_logps
+from ..train.objectives import LossOutput
 from .data import (
     LengthPolicy,
     MediaCache,
@@ -185,7 +185,7 @@ def _group_logps(model, batch: dict) -> tuple[list[torch.Tensor], list]:
 
 
 @torch.no_grad()
-def precompute_mm_reference(model, pairs: Sequence[dict], pad_id: int, batch_size: int = 8,
+def precompute_mm_reference(model, pairs: Sequence[dict], collate_fn, batch_size: int = 8,
                             progress: bool = True) -> None:
     """Store the current model's log-probs of each pair's answers (``ref_chosen``/``ref_rejected``)."""
     from tqdm.auto import tqdm
@@ -194,8 +194,7 @@ def precompute_mm_reference(model, pairs: Sequence[dict], pad_id: int, batch_siz
     model.eval()
     for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress):
         chunk = list(pairs[i:i + batch_size])
-        batch = collate_mm_pairs(chunk, pad_id)
-        logps, _ = _group_logps(model, batch)
+        logps, _ = _group_logps(model, collate_fn(chunk))
         for idx, lp in zip(split_by_group([p["group"] for p in chunk]).values(), logps):
             n = len(idx)
             for j, k in enumerate(idx):
@@ -203,15 +202,16 @@ def precompute_mm_reference(model, pairs: Sequence[dict], pad_id: int, batch_siz
     model.train(was)
 
 
-class MultimodalDPOObjective(Objective):
-    """DPO / IPO (+ optional NLL on the chosen answer) over the modality groups of a batch of
-    pairs; needs precomputed reference log-probs. ``count`` is the number of pairs."""
+class MultimodalDPOObjective(DPOObjective):
+    """DPO / IPO (+ optional NLL on the chosen answer, as :class:`~mmtune.train.dpo.DPOObjective`)
+    over the modality groups of a batch of pairs; needs precomputed reference log-probs.
+    ``count`` is the number of pairs."""
 
     name = "multimodal_dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0):
-        self.beta, self.loss_type, self.label_smoothing, self.sft_weight = beta, loss_type, label_smoothing, sft_weight
+        super().__init__(beta, loss_type, label_smoothing, None, sft_weight)
 
     def count(self, batch: dict) -> int:
         return sum(g["input_ids"].shape[0] // 2 for g in batch["groups"])
@@ -220,24 +220,17 @@ class MultimodalDPOObjective(Objective):
         if not all("ref_logps" in g for g in batch["groups"]):
             raise MMTuneError("multimodal DPO needs reference log-probs: run precompute_mm_reference first")
         logps, outs = _group_logps(model, batch)
-        pc, pr, rc, rr, nll = [], [], [], [], []
+        parts: list[list[torch.Tensor]] = [[], [], [], [], []]  # pc, pr, rc, rr, chosen tokens
         for g, lp in zip(batch["groups"], logps):
             n = g["input_ids"].shape[0] // 2
             ref = g["ref_logps"].to(lp.device)
-            pc.append(lp[:n])
-            pr.append(lp[n:])
-            rc.append(ref[:n])
-            rr.append(ref[n:])
-            nll.append(-lp[:n] / (g["labels"][:n, 1:] != -100).sum(-1).clamp(min=1).to(lp.device))
-        pc, pr, rc, rr, nll = (torch.cat(x) for x in (pc, pr, rc, rr, nll))
-        losses, metrics = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
-        if self.sft_weight > 0:
-            losses = losses + self.sft_weight * nll
-            metrics["nll/chosen"] = float(nll.detach().mean())
+            for part, x in zip(parts, (lp[:n], lp[n:], ref[:n], ref[n:], chosen_token_counts(g["labels"]))):
+                part.append(x.to(lp.device))
+        losses, metrics = self.pair_losses(*(torch.cat(p) for p in parts))
         for out in outs:
             key = f"pairs/{out.route.group}->{out.route.adapter or 'base'}"
             metrics[key] = metrics.get(key, 0.0) + float(out.logits.shape[0] // 2)
-        return LossOutput(losses.sum(), len(pc), outs, metrics)
+        return LossOutput(losses.sum(), len(losses), outs, metrics)
 
 
 @torch.no_grad()

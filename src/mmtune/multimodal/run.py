@@ -169,9 +169,7 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
                 + ", ".join(f"{g} {n}" for g, n in sorted(skipped.items())))
         model.router.reset_counts()
         if recipe.objective == "dpo":  # the reference is the model as this stage starts
-            pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else \
-                model.tokenizer.eos_token_id
-            precompute_mm_reference(model, rows + (eval_rows or []), pad, cfg.batch_size, progress=cfg.progress)
+            precompute_mm_reference(model, rows + (eval_rows or []), collate, cfg.batch_size, progress=cfg.progress)
         trainer = Trainer(model, objective, rows, collate, cfg, eval_rows=eval_rows or None,
                           optimizer_groups=plan.groups, tokenizer=model.tokenizer,
                           recipe=recipe.model_dump(mode="json"),

@@ -64,12 +64,20 @@ def dpo_loss(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Ten
     return losses, metrics
 
 
+def chosen_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised tokens of each chosen row (rows [0, n) of a 2n-row pair batch), at least 1."""
+    n = labels.shape[0] // 2
+    return (labels[:n, 1:] != -100).sum(-1).clamp(min=1)
+
+
+def has_adapters(model) -> bool:
+    """Whether ``model`` (or the model a DDP wrapper holds) is a PEFT model."""
+    return hasattr(getattr(model, "module", model), "disable_adapter")
+
+
 def _disabled_adapters(model):
     """Context in which a PEFT model runs as its base model."""
-    base = getattr(model, "module", model)  # DDP wrapper
-    if hasattr(base, "disable_adapter"):
-        return base.disable_adapter()
-    return None
+    return getattr(model, "module", model).disable_adapter() if has_adapters(model) else None
 
 
 @torch.no_grad()
@@ -103,6 +111,15 @@ class DPOObjective(Objective):
     def count(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
 
+    def pair_losses(self, pc, pr, rc, rr, chosen_tokens) -> tuple[torch.Tensor, dict]:
+        """Per-pair DPO / IPO losses plus ``sft_weight`` x the per-token NLL of the chosen answer."""
+        losses, metrics = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing)
+        if self.sft_weight > 0:
+            nll = -pc / chosen_tokens.to(pc.device)
+            losses = losses + self.sft_weight * nll
+            metrics["nll/chosen"] = float(nll.detach().mean())
+        return losses, metrics
+
     def __call__(self, model, batch: dict) -> LossOutput:
         n = batch["input_ids"].shape[0] // 2
         if "ref_logps" in batch:
@@ -111,12 +128,7 @@ class DPOObjective(Objective):
             ref = reference_logps(model, batch, self.ref_model)
         out = model(**model_inputs(batch), use_cache=False)
         pol = sequence_logps(out.logits, batch["labels"])
-        losses, metrics = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.beta, self.loss_type, self.label_smoothing)
-        if self.sft_weight > 0:
-            n_tokens = (batch["labels"][:n, 1:] != -100).sum(-1).clamp(min=1)
-            nll = -pol[:n] / n_tokens
-            losses = losses + self.sft_weight * nll
-            metrics["nll/chosen"] = float(nll.detach().mean())
+        losses, metrics = self.pair_losses(pol[:n], pol[n:], ref[:n], ref[n:], chosen_token_counts(batch["labels"]))
         return LossOutput(losses.sum(), n, out, metrics)
 
 
