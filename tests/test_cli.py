@@ -8,6 +8,7 @@ import pytest
 from mmtune.cli import build_parser, main
 
 COMMANDS = ["train", "export", "merge", "chat", "serve", "web", "eval", "data", "config", "demo", "continual"]
+COMMANDS += ["import-gguf", "export-gguf"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

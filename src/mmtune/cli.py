@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue after the last finished task")
 
+    _add_gguf_parsers(sub)
     return ap
 
 
@@ -329,6 +330,46 @@ def _cmd_web(args) -> int:
 
 COMMANDS = {"serve": _cmd_serve, "web": _cmd_web, "train": _cmd_train, "export": _cmd_export, "merge": _cmd_merge, "chat": _cmd_chat, "eval": _cmd_eval,
             "data": _cmd_data, "config": _cmd_config, "demo": _cmd_demo, "continual": _cmd_continual}
+
+
+# GGUF in and out (models/gguf.py, export_gguf.py).
+def _add_gguf_parsers(sub) -> None:
+    p = sub.add_parser("import-gguf", help="GGUF file -> HF model directory (dequantised)",
+                       description="Dequantise a .gguf file (an architecture transformers reads from GGUF: llama, "
+                       "qwen2, mistral-as-llama, phi3, gemma, ...) into a standard Hugging Face model directory with "
+                       "its tokenizer and chat template, ready for `mmtune train` (model.path: OUT_DIR).")
+    p.add_argument("gguf_file", metavar="FILE.gguf")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    p = sub.add_parser("export-gguf", help="merged Llama/Qwen2 HF model dir -> GGUF file for llama.cpp / Ollama",
+                       description="Write a merged (full) Llama or Qwen2-family model directory as one GGUF file "
+                       "with its tokenizer and chat template, for llama.cpp and Ollama. A LoRA run: `mmtune merge` "
+                       "first. Types: f32, f16 (2-D weights in F16, norms/biases F32), q8_0 (2-D weights in Q8_0).")
+    p.add_argument("model", metavar="MODEL_DIR", help="HF model directory (or builtin:NAME)")
+    p.add_argument("out", metavar="OUT.gguf")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"], help="weight type (default f16)")
+
+
+def _cmd_import_gguf(args) -> int:
+    from .export import _AtomicDir
+    from .models.gguf import import_gguf
+
+    with _AtomicDir(args.out, args.overwrite) as tmp:
+        import_gguf(args.gguf_file, tmp, args.dtype, log_fn=print)
+    print(f"imported to {args.out} (use it as model.path)")
+    return 0
+
+
+def _cmd_export_gguf(args) -> int:
+    from .export_gguf import export_gguf
+
+    export_gguf(args.model, args.out, args.type, log_fn=print)
+    return 0
+
+
+COMMANDS.update({"import-gguf": _cmd_import_gguf, "export-gguf": _cmd_export_gguf})
 
 
 def main(argv: list[str] | None = None) -> int:

