@@ -199,6 +199,13 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     (src / "config.json").write_text(config.replace('"model_type": "llama"', '"model_type": "gpt2"'))
     with pytest.raises(MMTuneError, match="model_type 'gpt2' cannot be exported to GGUF; supported: llama, qwen2"):
         export_gguf(src, tmp_path / "a.gguf", "f16")
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "meta.json").write_text('{"adapter": "lora", "base_model": "x"}')
+    with pytest.raises(MMTuneError, match="is a training checkpoint: .*mmtune merge"):
+        export_gguf(tmp_path / "run", tmp_path / "a.gguf", "f16")
+    (tmp_path / "run" / "final" / "meta.json").unlink()
+    (tmp_path / "run" / "final").rmdir()
+    (tmp_path / "run").rmdir()
     with pytest.raises(MMTuneError, match="GGUF type 'q4_0'"):
         export_gguf(src, tmp_path / "a.gguf", "q4_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no temporary file left

@@ -213,6 +213,11 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     if out_type not in GGUF_TYPES:
         raise MMTuneError(f"GGUF type '{out_type}': valid: {', '.join(GGUF_TYPES)}")
     set_offline()
+    from .export import find_checkpoint
+
+    if not (Path(str(model_dir)) / "config.json").is_file() and find_checkpoint(model_dir) is not None:
+        raise MMTuneError(f"'{model_dir}' is a training checkpoint: write a full model first with "
+                          f"`mmtune merge {model_dir} OUT_DIR`, then `mmtune export-gguf OUT_DIR {out_file}`")
     src = resolve_model_path(model_dir)
     config = AutoConfig.from_pretrained(src, local_files_only=True)
     arch_name, permute = _check_config(config, src)
