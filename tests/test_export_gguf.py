@@ -300,3 +300,21 @@ def test_smollm2_greedy_generation_in_llama_cpp_matches_transformers(tmp_path):
     reply = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0, top_k=1, repeat_penalty=1.0)
     assert "Paris" in reply["choices"][0]["message"]["content"]
     llm.close()
+
+
+@pytest.mark.slow
+def test_cli_imports_the_packaged_smollm2_q4_1_file(tmp_path, capsys):
+    """`mmtune import-gguf` on a real quantized file (Q4_1 + Q8_0 embeddings) gives the same model
+    as the built-in conversion."""
+    from mmtune.models.gguf import smollm2_gguf_path
+    from mmtune.models.loading import resolve_model_path
+
+    assert main(["import-gguf", str(smollm2_gguf_path()), str(tmp_path / "smol")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("import-gguf:") and "llama" in lines[0] and lines[-1].startswith("imported to")
+    ids = torch.tensor([[1, 4093, 198, 2]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "smol").eval()(input_ids=ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct")).eval()(
+            input_ids=ids).logits
+    assert torch.equal(got, ref)

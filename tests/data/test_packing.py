@@ -142,3 +142,28 @@ def batch_inputs(batch):
     from mmtune.train.objectives import model_inputs
 
     return model_inputs(batch)
+
+
+def test_packed_equals_unpacked_in_fp64_and_rope_angles_are_fp32():
+    """Without fp32 accumulation noise (fp64), packed == alone to ~1e-15, so the fp32 differences
+    are rounding; a shift of absolute positions still shows in fp64 because transformers computes
+    the RoPE angles in fp32, which is why positions restart at 0 per sample (issue 13 item 7;
+    tests/models/test_real_model.py measures both on SmolLM2-135M)."""
+    model = _tiny("llama").double()
+    examples = _examples([23, 7, 31, 12], seed=5)
+    rows = pack_examples(examples, 64)
+    batch = collate_packed(rows, pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        worst = 0.0
+        for b, row in enumerate(rows):
+            start = 0
+            for i, n in zip(row["indices"], row["lengths"]):
+                alone = model(input_ids=torch.tensor([examples[i]["input_ids"]]), use_cache=False).logits[0]
+                worst = max(worst, (packed[b, start:start + n] - alone).abs().max().item())
+                start += n
+        assert worst <= 1e-12, worst
+        ids = torch.tensor([examples[2]["input_ids"]])
+        at0 = model(input_ids=ids, position_ids=torch.arange(31)[None], use_cache=False).logits
+        shifted = model(input_ids=ids, position_ids=torch.arange(200, 231)[None], use_cache=False).logits
+        assert (shifted - at0).abs().max().item() > 1e-9
