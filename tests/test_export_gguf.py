@@ -318,3 +318,24 @@ def test_cli_imports_the_packaged_smollm2_q4_1_file(tmp_path, capsys):
         ref = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct")).eval()(
             input_ids=ids).logits
     assert torch.equal(got, ref)
+
+
+def test_a_file_transformers_cannot_convert_is_one_line(tiny, tmp_path):
+    """A llama file whose tokenizer model transformers has no builder for (here: ``bert``)."""
+    src, _ = tiny
+    path = export_gguf(src, tmp_path / "m.gguf", "f32", log_fn=lambda s: None)
+    reader = GGUFReader(str(path))
+    writer = GGUFWriter(str(tmp_path / "odd.gguf"), gguf_architecture(path))
+    for name, field in reader.fields.items():
+        if name.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = "bert" if name == "tokenizer.ggml.model" else field.contents()
+        writer.add_key_value(name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data).reshape(tuple(reversed(t.shape.tolist()))), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(MMTuneError, match=r"odd\.gguf: transformers cannot convert this GGUF file \(.*bert"):
+        import_gguf(tmp_path / "odd.gguf", tmp_path / "out")

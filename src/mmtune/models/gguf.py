@@ -83,9 +83,13 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log_fn(f"import-gguf: {src} ({arch}, {src.stat().st_size / 2**20:.1f} MiB): reading and dequantising to {dtype}")
     kw = {"gguf_file": src.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(src.parent, dtype=DTYPES[dtype], **kw)
-    config = AutoConfig.from_pretrained(src.parent, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(src.parent, dtype=DTYPES[dtype], **kw)
+        config = AutoConfig.from_pretrained(src.parent, **kw)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # a tokenizer or tensor type it cannot build
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MMTuneError(f"{src}: transformers cannot convert this GGUF file ({first})") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain tensors
     config.dtype = DTYPES[dtype]
