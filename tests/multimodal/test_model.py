@@ -211,3 +211,19 @@ def test_whisper_audio_tower_composes_and_round_trips(tmp_path):
         model.save(tmp_path / "m")
         loaded = load_composed(tmp_path / "m", device="cpu")
         assert torch.allclose(before, loaded(**model_batch(b)).logits, atol=1e-6)
+
+
+def test_processed_image_keeps_phi4_float_global_view(setup):
+    """process_image stores Phi-4's global view as float16 (not 8 bits): the pixels the tower sees
+    equal the tiler's float ones within float16 rounding (8 bits would be off by up to 2/255)."""
+    from mmtune.multimodal.tiling import phi4_crops
+
+    model, _, media = setup
+    proc = model.image_processor
+    for im in (media["wide"], media["square"].resize((150, 97))):
+        item = model.process_image(im)
+        ref = phi4_crops(im, crop_size=proc.crop_size, max_crops=proc.max_crops, patch_size=proc.patch_size,
+                         mean=proc.mean, std=proc.std).pixel_values()
+        assert item.global_view.dtype == torch.float16
+        assert (item.pixel_values()[-1] - ref[-1]).abs().max() <= 1e-3
+        assert torch.equal(item.pixel_values()[:-1], ref[:-1])
