@@ -227,3 +227,18 @@ def test_processed_image_keeps_phi4_float_global_view(setup):
         assert item.global_view.dtype == torch.float16
         assert (item.pixel_values()[-1] - ref[-1]).abs().max() <= 1e-3
         assert torch.equal(item.pixel_values()[:-1], ref[:-1])
+
+
+def test_encode_images_masks_the_padding(setup):
+    """Phi-4 tiles carry their patch mask to the tower: a padded image's features are those of the
+    masked tower (not of the tower attending over the white padding)."""
+    model, _, media = setup
+    item = model.process_image(media["square"].resize((150, 97)))
+    assert item.patch_mask is not None and not item.patch_mask.all()
+    with torch.no_grad():
+        got = model.encode_images([item])
+        pixels = item.pixel_values()
+        masked = model.vision_projector(model.vision_encoder(pixels, patch_mask=item.patch_mask), item.grid,
+                                        item.sub_token_grid)
+        unmasked = model.vision_projector(model.vision_encoder(pixels), item.grid, item.sub_token_grid)
+    assert torch.equal(got, masked) and not torch.allclose(got, unmasked, atol=1e-4)

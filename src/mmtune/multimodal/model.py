@@ -73,7 +73,8 @@ class ImageInput:
     on use), the tiler's ``grid`` / ``sub_token_grid``, and the ``num_tokens`` it occupies.
     ``global_view``: Phi-4's float global view ``(3, C, C)`` in pixel/255 units, stored as float16
     (error <= 5e-4, against 2e-3 for 8 bits, and no clipping of bicubic overshoot); it replaces the
-    last tile of ``pixels`` on use."""
+    last tile of ``pixels`` on use. ``patch_mask``: ``(N_tiles, h, w)`` bool, False on patches of
+    padding (Phi-4 tiling), passed to the vision tower's attention."""
 
     pixels: torch.Tensor
     grid: tuple[int, int]
@@ -82,6 +83,7 @@ class ImageInput:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     global_view: torch.Tensor | None = None
+    patch_mask: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -243,7 +245,7 @@ class ComposedModel(nn.Module):
         n = self.vision_projector.num_tokens(tiled.num_tiles, h, w, tiled.grid, tiled.sub_token_grid)
         glob = tiled.global_view.to(torch.float16) if tiled.global_view is not None else None
         return ImageInput(pixels, tuple(tiled.grid), tuple(tiled.sub_token_grid), int(n), tuple(tiled.mean),
-                          tuple(tiled.std), glob)
+                          tuple(tiled.std), glob, tiled.patch_mask)
 
     def image_num_tokens(self, image) -> int:
         return self.process_image(image).num_tokens
@@ -274,7 +276,12 @@ class ComposedModel(nn.Module):
         """All tiles of ``images`` through the tower in one batch, then each image's tiles through
         the projector: ``(sum of num_tokens, H)``, image by image."""
         pixels = torch.cat([im.pixel_values() for im in images]).to(self.device)  # (sum N, 3, C, C)
-        feats = self.vision_encoder(pixels)  # (sum N, h, w, C)
+        mask = None
+        if any(im.patch_mask is not None for im in images) and getattr(self.vision_encoder, "supports_patch_mask", False):
+            h, w = self.vision_encoder.grid_size(*pixels.shape[-2:])
+            mask = torch.cat([im.patch_mask if im.patch_mask is not None else
+                              torch.ones(im.num_tiles, h, w, dtype=torch.bool) for im in images])  # (sum N, h, w)
+        feats = self.vision_encoder(pixels, patch_mask=mask)  # (sum N, h, w, C); padding never attended to
         out, k = [], 0
         for im in images:
             emb = self.vision_projector(feats[k:k + im.num_tiles], im.grid, im.sub_token_grid)  # (num_tokens, H)

@@ -69,6 +69,9 @@ class TiledImage:
     ``global_view``: phi4 only, the exact global view ``(3, C, C)`` float32 in pixel/255 units
     (bicubic overshoots [0, 1]; ``tiles[-1]`` is it rounded to 8 bits for display);
     :meth:`pixel_values` uses it in place of ``tiles[-1]``.
+    ``patch_mask``: phi4 only, ``(N, C/patch, C/patch)`` bool, False on the patches wholly inside
+    the white padding (the global view is all True): the vision tower's attention mask, as
+    Phi4MultimodalImageProcessor's ``image_attention_mask``.
     """
 
     tiles: list[Image.Image]
@@ -81,6 +84,7 @@ class TiledImage:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     global_view: torch.Tensor | None = None
+    patch_mask: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -258,13 +262,20 @@ def phi4_crops(image: Image.Image, crop_size: int = 448, max_crops: int = 36, pa
 
     # Patches wholly inside the padding are masked: floor(pad / patch) of them per axis.
     m = crop_size // patch_size
+    canvas_mask = torch.ones(rows * m, cols * m, dtype=torch.bool)  # (rows*m, cols*m) over the canvas patches
+    if pad_w // patch_size:
+        canvas_mask[:, -(pad_w // patch_size):] = False
+    if pad_h // patch_size:
+        canvas_mask[-(pad_h // patch_size):, :] = False
+    crop_masks = canvas_mask.reshape(rows, m, cols, m).transpose(1, 2).reshape(rows * cols, m, m)  # (r*c, m, m)
+    patch_mask = torch.cat([crop_masks, torch.ones(1, m, m, dtype=torch.bool)])  # global view last
     valid_rows = _valid_pooled(rows, m, pad_h // patch_size)
     valid_cols = _valid_pooled(cols, m, pad_w // patch_size)
     return TiledImage(
         tiles=tiles, grid=(rows, cols),
         num_tokens=phi4_num_tokens(rows, cols, side, valid_rows, valid_cols),
         has_global=True, sub_token_grid=(valid_rows, valid_cols), crop_size=crop_size, mode="phi4",
-        mean=tuple(mean), std=tuple(std), global_view=global_view,
+        mean=tuple(mean), std=tuple(std), global_view=global_view, patch_mask=patch_mask,
     )
 
 
