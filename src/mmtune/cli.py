@@ -18,6 +18,7 @@ EPILOG = textwrap.dedent("""\
       mmtune config list                           # shipped recipes
       mmtune config copy sft-lora my.yaml          # copy one to edit
       mmtune data inspect my.yaml                  # see how records are templated and which tokens carry loss
+      mmtune data check data/train.jsonl           # every record; exit 1 if any is bad (CI)
       mmtune train my.yaml train.lr=1e-4          # train, with dotted overrides
       mmtune train my.yaml --resume                # continue exactly where it stopped
       mmtune export runs/x/checkpoints/step-00000100 out/adapter
@@ -107,16 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint or model dir to evaluate (default: OUTPUT/final)")
     p.add_argument("--max-new-tokens", type=int, default=32)
 
-    p = sub.add_parser("data", help="data tools", description="Data tools.")
+    p = sub.add_parser("data", help="data tools: inspect records, check every record (for CI)",
+                       description="Data tools. TARGET is a recipe (YAML file or shipped name) or a data file "
+                       "(.jsonl, .ndjson, .json, .parquet, a datasets save_to_disk directory, builtin:NAME). A data "
+                       "file is read with default settings: the tokenizer of --model (default builtin:tiny), the "
+                       "template of --template (default auto), objective dpo when its records are preference "
+                       "pairs; key=value overrides apply (e.g. data.max_length=512).")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.required = True
+
+    def target_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("target", metavar="RECIPE_OR_FILE", help="a recipe, or a data file / datasets dir / builtin:NAME")
+        _add_overrides(q)
+        q.add_argument("--model", metavar="DIR", help="tokenizer of this model dir or builtin name (default: the "
+                       "recipe's model.path; builtin:tiny for a data file)")
+        q.add_argument("--template", metavar="NAME", help="chat template: auto | chatml | llama3 | internlm2 | phi3 "
+                       "(default: the recipe's data.template; auto for a data file)")
+
     q = dsub.add_parser("inspect", help="show parsing, templating, tokens and which carry loss",
-                        description="Show, for the first N records of RECIPE's data, the raw record, the "
-                        "parsed messages, the templated text and the tokens; supervised tokens are highlighted.")
-    q.add_argument("recipe")
-    _add_overrides(q)
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Show, for the first N records of the first training source, the raw record, "
+                        "the parsed messages, the templated text and the tokens (supervised tokens highlighted), "
+                        "then the data report of all the data.",
+                        epilog="exit status: 0 data report complete; 1 it stopped on a bad record (data.on_bad_record: "
+                        "error, as training would); 2 the target cannot be read.\n"
+                        "examples:\n  mmtune data inspect my.jsonl\n  mmtune data inspect my.jsonl --model "
+                        "/models/qwen2-0.5b --template chatml -n 5\n  mmtune data inspect my.yaml")
+    target_args(q)
     q.add_argument("-n", type=int, default=3, help="records to show (default 3)")
     q.add_argument("--no-color", action="store_true", help="mark supervised tokens with [[ ]] instead of colour")
+
+    q = dsub.add_parser("check", help="read every record, count bad ones per reason (exit 1 if any)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Read every record of every source (train and eval; every stage of a multimodal "
+                        "recipe, images and audio loaded) to the end, ignoring max_records and on_bad_record, through "
+                        "parsing, format, chat template, tokenizer and length policy, exactly as training does. "
+                        "Prints per source the records, the usable ones and the bad ones per reason with the first "
+                        "message of each. Nothing is written.",
+                        epilog="exit status: 0 no bad record (or --allow-bad); 1 bad records found; 2 the target "
+                        "cannot be read.\n"
+                        "examples:\n  mmtune data check data/train.jsonl           # in CI\n"
+                        "  mmtune data check my.yaml data.max_length=1024\n  mmtune data check mm-phi4-vision")
+    target_args(q)
+    q.add_argument("--allow-bad", action="store_true", help="report bad records but exit 0")
 
     p = sub.add_parser("config", help="list, copy and show shipped recipes", description="Shipped recipes.")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -254,13 +288,25 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from .config import load_recipe
-    from .data.inspect import inspect_data
-    from .models.loading import load_tokenizer, resolve_model_path
+    from .data.inspect import load_target
+    from .models.loading import load_tokenizer
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    tok = load_tokenizer(resolve_model_path(recipe.model.path))
-    print(inspect_data(recipe, tok, n=args.n, color=not args.no_color and sys.stdout.isatty()))
+    recipe = load_target(args.target, args.overrides, model=args.model, template=args.template)
+    if args.data_command == "check":
+        from .data.check import check_data
+
+        tok = None if recipe.multimodal is not None else load_tokenizer(recipe.model.path)
+        report = check_data(recipe, tok, progress=sys.stderr.isatty())
+        print("\n".join(report.lines()))
+        return 1 if report.bad.total and not args.allow_bad else 0
+    from .data.inspect import inspect_result
+
+    tok = load_tokenizer(recipe.model.path)
+    result = inspect_result(recipe, tok, n=args.n, color=not args.no_color and sys.stdout.isatty())
+    print(result.text)
+    if result.stopped is not None:
+        print(f"mmtune: data inspect stopped: {result.stopped}", file=sys.stderr)
+        return 1
     return 0
 
 

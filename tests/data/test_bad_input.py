@@ -131,3 +131,60 @@ def test_all_records_bad_is_one_clear_error(tmp_path, chatml_tokenizer):
     path.write_bytes(CASES["too_long"] + b"\n")
     with pytest.raises(MMTuneError, match="no training examples left.*too_long 1"):
         build_datasets(_cfg(str(path), on_bad_record="skip"), chatml_tokenizer, progress=False)
+
+
+# Hostile input: valid bytes that used to escape as tracebacks (RecursionError from the JSON parser,
+# TypeError / UnicodeEncodeError from the tokenizer); now bad records like the others.
+DEEP = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+SURROGATE_RECORDS = {  # field -> a record whose only problem is a lone "\ud800" in that field
+    "messages[0].content": '{"messages": [{"role": "user", "content": "a\\ud800b"}, '
+                           '{"role": "assistant", "content": "x"}]}',
+    "messages[1].content": '{"messages": [{"role": "user", "content": "a"}, '
+                           '{"role": "assistant", "content": "\\udfff"}]}',
+    "messages[0].role": '{"messages": [{"role": "us\\ud800er", "content": "a"}, '
+                        '{"role": "assistant", "content": "x"}]}',
+    "<key>": '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
+             '"\\ud83d": 1}',
+    "meta.tags[1]": '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], '
+                    '"meta": {"tags": ["ok", "\\ud800"]}}',
+}
+
+
+def _hostile_cases():
+    yield "nested_too_deep", DEEP, None
+    for where, line in SURROGATE_RECORDS.items():
+        yield "lone_surrogate", line.encode(), where
+
+
+@pytest.mark.parametrize("reason,bad,where", list(_hostile_cases()),
+                         ids=["deep", *(f"surrogate-{w}" for w in SURROGATE_RECORDS)])
+def test_hostile_records_are_one_line_errors_or_counted_skips(tmp_path, chatml_tokenizer, reason, bad, where):
+    path = _write(tmp_path / "hostile.jsonl", bad)
+    with pytest.raises(DataError) as e:
+        build_datasets(_cfg(path), chatml_tokenizer, progress=False)
+    err = e.value
+    assert (err.reason, err.line, err.field) == (reason, 3, where)
+    msg = str(err)
+    assert "hostile.jsonl:3" in msg and "\n" not in msg and len(msg) < 400
+    assert ("nested too deeply" if reason == "nested_too_deep" else "lone UTF-16 surrogate") in msg
+    train, _, report = build_datasets(_cfg(path, on_bad_record="skip"), chatml_tokenizer, progress=False)
+    assert len(train) == 3 and report.dropped == {reason: 1}
+
+
+def test_surrogate_pairs_are_text_and_hostile_json_arrays_name_the_line(tmp_path, chatml_tokenizer):
+    # A complete pair is one character (U+1F600) and trains as usual; only lone halves are bad.
+    ok = tmp_path / "pair.jsonl"
+    ok.write_text('{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}, '
+                  '{"role": "assistant", "content": "ok"}]}\n')
+    (rec,) = load_source(SourceConfig(path=str(ok)))
+    assert rec.sample["messages"][0]["content"] == "smile \U0001F600"
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b'[\n' + json.dumps(GOOD).encode() + b',\n' + SURROGATE_RECORDS["meta.tags[1]"].encode()
+                    + b'\n]\n')
+    with pytest.raises(DataError, match=r"arr\.json:3 field 'meta\.tags\[1\]': the text holds a lone UTF-16") as e:
+        load_source(SourceConfig(path=str(arr)))
+    assert e.value.reason == "lone_surrogate"
+    assert len(load_source(SourceConfig(path=str(arr)), on_bad_record="skip")) == 1
+    arr.write_bytes(b'[\n' + json.dumps(GOOD).encode() + b',\n' + DEEP + b'\n]\n')
+    with pytest.raises(DataError, match=r"arr\.json:3: malformed JSON: an element is nested too deeply"):
+        load_source(SourceConfig(path=str(arr)))

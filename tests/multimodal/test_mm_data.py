@@ -156,3 +156,47 @@ def test_builtin_sources_are_deterministic(tmp_path):
     assert all(r["conversations"][0]["value"].startswith("<image>\n<audio>\n") for r in sv)
     with pytest.raises(Exception, match="unknown built-in multimodal source"):
         builtin_source("shapes", 5, 0, tmp_path)
+
+
+def _png(width, height, rows: int) -> bytes:
+    """A 1-bit greyscale PNG of ``width x height`` whose IDAT holds ``rows`` zero rows: with
+    rows == height a real decompression bomb (30000 x 30000 is ~110 kB on disk, 900 Mpx)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(z.compress(row) for _ in range(rows)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (9000, 8000)])  # beyond PIL's own guard / only beyond ours
+def test_decompression_bomb_is_a_bad_record(model, root, size):
+    from mmtune.multimodal.data import MAX_IMAGE_PIXELS
+
+    w, h = size
+    (root / "img" / "bomb.png").write_bytes(_png(w, h, rows=h if w == 30000 else 8))
+    path = _write(root / "d.jsonl", [llava("ok"), llava("bomb-1", image="img/bomb.png")])
+    with pytest.raises(DataError) as e:
+        _build(model, path)
+    msg = str(e.value)
+    assert e.value.reason == "image_too_large" and e.value.line == 2 and "\n" not in msg
+    assert f"{path}:2 field 'image': record 'bomb-1'" in msg and f"{w * h:,} pixels" in msg
+    assert f"{MAX_IMAGE_PIXELS:,}" in msg and w * h > MAX_IMAGE_PIXELS == 64 * 1024 * 1024
+    ex, report = _build(model, path, on_bad_record="skip")
+    assert [x["id"] for x in ex] == ["ok"] and report.dropped == {"image_too_large": 1}
+
+
+def test_hostile_json_in_multimodal_records(model, root):
+    lines = [json.dumps(llava("ok")), '{"id": "deep", "conversations": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             json.dumps(llava("s")).replace("What color", "What \\ud800 color")]
+    path = root / "h.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        _build(model, path)
+    assert (e.value.reason, e.value.line) == ("nested_too_deep", 2)
+    ex, report = _build(model, path, on_bad_record="skip")
+    assert [x["id"] for x in ex] == ["ok"] and report.dropped == {"nested_too_deep": 1, "lone_surrogate": 1}

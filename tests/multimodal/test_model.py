@@ -211,3 +211,34 @@ def test_whisper_audio_tower_composes_and_round_trips(tmp_path):
         model.save(tmp_path / "m")
         loaded = load_composed(tmp_path / "m", device="cpu")
         assert torch.allclose(before, loaded(**model_batch(b)).logits, atol=1e-6)
+
+
+def test_processed_image_keeps_phi4_float_global_view(setup):
+    """process_image stores Phi-4's global view as float16 (not 8 bits): the pixels the tower sees
+    equal the tiler's float ones within float16 rounding (8 bits would be off by up to 2/255)."""
+    from mmtune.multimodal.tiling import phi4_crops
+
+    model, _, media = setup
+    proc = model.image_processor
+    for im in (media["wide"], media["square"].resize((150, 97))):
+        item = model.process_image(im)
+        ref = phi4_crops(im, crop_size=proc.crop_size, max_crops=proc.max_crops, patch_size=proc.patch_size,
+                         mean=proc.mean, std=proc.std).pixel_values()
+        assert item.global_view.dtype == torch.float16
+        assert (item.pixel_values()[-1] - ref[-1]).abs().max() <= 1e-3
+        assert torch.equal(item.pixel_values()[:-1], ref[:-1])
+
+
+def test_encode_images_masks_the_padding(setup):
+    """Phi-4 tiles carry their patch mask to the tower: a padded image's features are those of the
+    masked tower (not of the tower attending over the white padding)."""
+    model, _, media = setup
+    item = model.process_image(media["square"].resize((150, 97)))
+    assert item.patch_mask is not None and not item.patch_mask.all()
+    with torch.no_grad():
+        got = model.encode_images([item])
+        pixels = item.pixel_values()
+        masked = model.vision_projector(model.vision_encoder(pixels, patch_mask=item.patch_mask), item.grid,
+                                        item.sub_token_grid)
+        unmasked = model.vision_projector(model.vision_encoder(pixels), item.grid, item.sub_token_grid)
+    assert torch.equal(got, masked) and not torch.allclose(got, unmasked, atol=1e-4)

@@ -109,3 +109,28 @@ def test_full_multimodal_demo_reads_the_media():
     assert final["caption/token_acc"] > control["caption/token_acc"]  # one thread: 86.4% vs 85.1%
     assert final["asr/token_acc"] >= control["asr/token_acc"] + 0.05
     assert final["text/max_logit_change"] == 0.0
+
+
+def test_phi4_recipes_use_phi4_audio_features(tmp_path):
+    """A recipe named after Phi-4 feeds its audio encoder Phi-4's features: those of transformers'
+    Phi4MultimodalFeatureExtractor (checked on the recipe's own spoken digits), not log_mel."""
+    import json
+
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    from mmtune.multimodal.audio import AUDIO_FEATURES, load_audio, log_mel
+    from mmtune.multimodal.data import builtin_source
+
+    with_audio = [n for n in MM_RECIPES if load_recipe(n).multimodal.audio is not None]
+    assert with_audio == ["mm-phi4-speech", "mm-phi4-vision-speech"]
+    assert {load_recipe(n).multimodal.audio.features for n in with_audio} == {"phi4_log_mel"}
+    features = AUDIO_FEATURES.get(load_recipe("mm-phi4-speech").multimodal.audio.features)
+    jsonl = builtin_source("spoken-digits", 4, 0, tmp_path)
+    extractor = Phi4MultimodalFeatureExtractor()
+    for rec in map(json.loads, jsonl.read_text().splitlines()):
+        wave = load_audio(jsonl.parent / rec["audio"])
+        ref = extractor(wave, sampling_rate=16000, return_tensors="pt")["audio_input_features"][0].float()
+        ours = features(wave)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < 2e-3  # measured 5.1e-4 max, 1.2e-6 mean over 8 clips
+        assert (log_mel(wave) - ref).abs().mean() > 10  # measured 20.0: another feature space

@@ -143,3 +143,64 @@ def test_so400m_geometry_parameter_count_on_meta():
     # penultimate-layer tower: 26 layers, no post-LayerNorm, no pooling head
     assert count_parameters(tower) == so400m_formula(layers=26, head=False, post_norm=False) == 398_085_280
     assert config.num_hidden_layers == 27  # from_config leaves the caller's config alone
+
+
+def _phi4_reference_tower(siglip_path):
+    """transformers' Phi-4 vision model (what Phi4MultimodalImageEmbedding runs, with the patch
+    attention mask) holding the tiny SigLIP tower's weights."""
+    from transformers.models.phi4_multimodal.configuration_phi4_multimodal import Phi4MultimodalVisionConfig
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionModel
+
+    siglip = load_vision_model(siglip_path).eval()
+    c = siglip.config
+    cfg = Phi4MultimodalVisionConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                     num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                                     image_size=c.image_size, patch_size=c.patch_size, crop_size=c.image_size)
+    ref = Phi4MultimodalVisionModel(cfg).eval()
+    state = {k.removeprefix("vision_model."): v for k, v in siglip.state_dict().items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not [k for k in missing if not k.startswith("head.")] and not unexpected
+    return ref
+
+
+def test_patch_mask_matches_phi4_vision_attention_on_a_padded_crop(towers):
+    """A padded crop: the tower with the Phi-4 tiler's patch mask equals transformers'
+    Phi4MultimodalVisionModel(patch_attention_mask) at the feature layer, padding masked as keys
+    and the content's positions bucketed as Phi-4 does. Without the mask it attends over the
+    white padding and differs."""
+    from PIL import Image
+
+    from mmtune.multimodal.tiling import phi4_crops
+
+    ref = _phi4_reference_tower(towers["siglip"])
+    tower = VisionTower.from_pretrained(towers["siglip"], feature_layer=-2).eval()
+    g = torch.Generator().manual_seed(0)
+    # 100x37 px on 56 px crops: a 2x1 grid, resized to 112x41, 15 px of white below -> 1 patch row masked
+    image = Image.fromarray((torch.rand(37, 100, 3, generator=g) * 255).to(torch.uint8).numpy())
+    tiled = phi4_crops(image, crop_size=56, patch_size=14)
+    assert tiled.grid == (1, 2) and tiled.patch_mask.shape == (3, 4, 4)
+    assert tiled.patch_mask[:2, -1].logical_not().all() and tiled.patch_mask[:2, :-1].all() and tiled.patch_mask[2].all()
+    pixels = tiled.pixel_values()  # (3, 3, 56, 56): two padded crops + the global view
+    with torch.no_grad():
+        expected = ref(pixels, patch_attention_mask=tiled.patch_mask, output_hidden_states=True).hidden_states[-2]
+        ours = tower(pixels, patch_mask=tiled.patch_mask)  # (3, 4, 4, C)
+        unmasked = tower(pixels)
+    expected = expected.reshape(ours.shape)
+    diff = (ours - expected).abs().max().item()
+    assert diff < 1e-5, diff  # measured 0.0 (the same ops)
+    assert (unmasked - expected)[:2].abs().max() > 1e-1  # measured 1.89 max, 0.45 mean: padding attended to
+    assert torch.allclose(unmasked[2], expected[2], atol=1e-5)  # no padding in the global view: same either way
+
+
+def test_patch_mask_positions_and_errors(towers):
+    from mmtune.multimodal.vision import phi4_patch_position_ids
+
+    full = torch.ones(1, 4, 4, dtype=torch.bool)
+    assert phi4_patch_position_ids(full, 4).tolist() == [list(range(16))]  # unpadded: the identity
+    top = full.clone()
+    top[:, 2:] = False  # 2 content rows are spread over the 4 rows of the table: rows 0 and 2
+    assert phi4_patch_position_ids(top, 4).reshape(4, 4)[:2].tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
+    with pytest.raises(ConfigError, match="needs a SigLIP vision tower"):
+        VisionTower.from_pretrained(towers["clip"])(torch.zeros(1, 3, 56, 56), patch_mask=full)
+    with pytest.raises(ConfigError, match=r"patch_mask has shape \(1, 4, 4\), expected \(2, 4, 4\)"):
+        VisionTower.from_pretrained(towers["siglip"])(torch.zeros(2, 3, 56, 56), patch_mask=full)

@@ -15,6 +15,11 @@ Bad records: with ``on_bad_record="error"`` the first one raises its :class:`Dat
 line, field, problem); with ``"skip"`` it is dropped and counted per reason in
 :class:`BadRecordStats`, whose :meth:`~BadRecordStats.summary` the caller prints at the end.
 A file that cannot be parsed as a whole (a broken JSON array) always raises.
+
+Hostile JSON is a bad record like any other, never a traceback: a record nested deeper than the
+JSON parser's recursion limit (reason ``nested_too_deep``), and a string holding a lone UTF-16
+surrogate such as ``"\\ud800"`` (``lone_surrogate``; valid JSON, but the text cannot be encoded as
+UTF-8, so no tokenizer can read it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +100,65 @@ def _utf8(raw: bytes, path: str, line_offset: int = 0) -> str:
                         "re-encode the file as UTF-8", "non_utf8") from None
 
 
+# A JSON escape of a UTF-16 surrogate (U+D800..U+DFFF): a cheap test before looking for lone ones.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_field(obj: Any) -> str | None:
+    """The field path (``messages[1].content``) of the first string (key or value) in ``obj`` that
+    holds a lone UTF-16 surrogate, or None. Iterative, so any nesting depth is fine."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if _has_lone_surrogate(node):
+                return where or "<record>"
+        elif isinstance(node, dict):
+            children = []
+            for k, v in node.items():
+                key = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and _has_lone_surrogate(k):
+                    return f"{where}.<key>" if where else "<key>"
+                children.append((v, key))
+            stack += reversed(children)
+        elif isinstance(node, list):
+            stack += reversed([(v, f"{where}[{j}]") for j, v in enumerate(node)])
+    return None
+
+
+def _surrogate_error(path: str, line: int | None, field: str) -> DataError:
+    return DataError(path, line, "the text holds a lone UTF-16 surrogate escape (e.g. \"\\ud800\" without its pair); "
+                     "it cannot be encoded as UTF-8 or tokenized: fix the escape, or set data.on_bad_record: skip",
+                     "lone_surrogate", field)
+
+
+def _too_deep(path: str, line: int) -> DataError:
+    return DataError(path, line, "malformed JSON: the record is nested too deeply for the JSON parser (more levels "
+                     "of [ / { than Python's recursion limit); flatten it, or set data.on_bad_record: skip",
+                     "nested_too_deep")
+
+
+def _parse_line(path: str, i: int, text: str) -> tuple[Any, DataError | None]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, DataError(path, i, f"malformed JSON: {e.msg} (column {e.colno}); fix the line, or set "
+                               "data.on_bad_record: skip to skip bad records", "malformed_json")
+    except RecursionError:
+        return None, _too_deep(path, i)
+    if _SURROGATE_ESCAPE.search(text) and (where := lone_surrogate_field(obj)) is not None:
+        return None, _surrogate_error(path, i, where)
+    return obj, None
+
+
 def _iter_jsonl(path: str, data: bytes) -> Iterator[tuple[int, Any, DataError | None]]:
     for i, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -103,11 +168,8 @@ def _iter_jsonl(path: str, data: bytes) -> Iterator[tuple[int, Any, DataError | 
         except DataError as e:
             yield i, None, e
             continue
-        try:
-            yield i, json.loads(text), None
-        except json.JSONDecodeError as e:
-            yield i, None, DataError(path, i, f"malformed JSON: {e.msg} (column {e.colno}); fix the line, or set "
-                                     "data.on_bad_record: skip to skip bad records", "malformed_json")
+        obj, err = _parse_line(path, i, text)
+        yield i, obj, err
 
 
 def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, DataError | None]]:
@@ -127,6 +189,7 @@ def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, DataError
 
     i = skip_ws(0) + 1  # past '['
     line, last = 1, 0
+    may_have_surrogates = _SURROGATE_ESCAPE.search(text) is not None
     while True:
         i = skip_ws(i)
         if i >= n:
@@ -137,9 +200,12 @@ def _iter_json_array(path: str, text: str) -> Iterator[tuple[int, Any, DataError
             obj, j = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise fail(e.pos, e.msg) from None
+        except RecursionError:  # the rest of the array cannot be delimited without parsing this element
+            raise fail(i, "an element is nested too deeply for the JSON parser") from None
         line += text.count("\n", last, i)
         last = i
-        yield line, obj, None
+        where = lone_surrogate_field(obj) if may_have_surrogates else None
+        yield line, (None if where else obj), (_surrogate_error(path, line, where) if where else None)
         i = skip_ws(j)
         if i < n and text[i] == ",":
             i += 1

@@ -8,11 +8,15 @@ subsampling gives ``tokens = ceil(frames / 8)``, i.e. 80 ms per token and 12.5 t
 
 Two feature functions share that frame grid:
 
-- :func:`log_mel` (default): Hann window, power spectrum, HTK-style triangular Mel filters
-  (built here, :func:`mel_filterbank`), natural log with a floor of 1e-10.
+- :func:`log_mel` (the config default): Hann window, power spectrum, HTK-style triangular Mel
+  filters (built here, :func:`mel_filterbank`), natural log with a floor of 1e-10: the common
+  librosa / torchaudio log-Mel, for an encoder trained from scratch on it (the built-in demo).
 - :func:`phi4_log_mel`: the exact recipe of the released Phi-4-multimodal feature extractor
   (Hamming window, per-frame pre-emphasis 0.97, int16 scaling, Kaldi Mel filters
-  triangular in Mel space up to 7690 Hz, log floor 1.0). Use it with Phi-4 audio weights.
+  triangular in Mel space up to 7690 Hz, log floor 1.0), equal to transformers'
+  ``Phi4MultimodalFeatureExtractor`` within 1e-3. Use it with Phi-4 audio weights; the
+  ``mm-phi4-*`` recipes do. The two differ by about 20 on average (other scale, window and
+  filters): an encoder trained on one cannot read the other.
 
 Audio longer than the encoder should see at once is cut with :func:`chunked_log_mel` at frame
 boundaries that are multiples of 8, so the chunks' token counts add up to the formula.

@@ -88,8 +88,13 @@ class AudioConfig(Section):
                       "settings below), a directory written by save_conformer, or a local Whisper checkpoint "
                       "directory (encoder: whisper).")
     features: Literal["log_mel", "phi4_log_mel"] = Field("log_mel", description="Conformer input features: "
-                                                         "log_mel, or phi4_log_mel with Phi-4 audio weights. "
-                                                         "Whisper always uses its own feature extractor.")
+                                                         "phi4_log_mel = Phi-4-multimodal's feature extractor "
+                                                         "(use it with Phi-4 audio weights and in Phi-4 recipes); "
+                                                         "log_mel = a plain HTK log-Mel (Hann window, ln floor "
+                                                         "1e-10), librosa/torchaudio-style, for encoders trained "
+                                                         "from scratch on it. Same frame grid, not interchangeable "
+                                                         "(mean difference ~20). Whisper always uses its own "
+                                                         "feature extractor.")
     d_model: int = Field(64, gt=0, description="builtin:tiny-conformer width (Phi-4: 1024).")
     n_layers: int = Field(2, gt=0, description="builtin:tiny-conformer blocks (Phi-4: 24).")
     n_heads: int = Field(4, gt=0, description="builtin:tiny-conformer attention heads (Phi-4: 16).")

@@ -16,7 +16,8 @@ Record formats (JSON / JSONL / anything :func:`mmtune.data.sources.iter_raw` rea
 
 Paths are relative to the source's data root (default: the directory of the data file) and
 must stay inside it: an absolute path or one that escapes with ``..`` (or a symlink pointing
-out) is a :class:`~mmtune.errors.DataError`, as is a missing or undecodable image/audio file,
+out) is a :class:`~mmtune.errors.DataError`, as is a missing or undecodable image/audio file
+and an image of more than :data:`MAX_IMAGE_PIXELS` pixels (64 Mi px; a decompression bomb),
 each naming the data file, line, record id and field. Under ``on_bad_record: skip`` they are
 counted per reason instead.
 
@@ -40,6 +41,7 @@ import io
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +92,14 @@ BUILTIN_SOURCES = {
     "shapes-spoken-vqa": ("shapes image + the question spoken as audio (vision-speech)", 400),
 }
 BUILTIN_IMAGE_SIZE = 64
+
+#: Largest image a record may hold, in pixels (width x height): 64 Mi px, e.g. 8192 x 8192. Checked
+#: from the file header before decoding, so a decompression bomb (a few kB of PNG that would
+#: inflate to gigabytes) is a bad record (``image_too_large``) instead of an out-of-memory or
+#: PIL's ``DecompressionBombError``. Far above what the tilers use: Phi-4 fits every image into at
+#: most 36 crops of 448 px (7.2 Mpx), InternVL into 12 tiles (2.4 Mpx). Pass ``max_pixels`` to
+#: :func:`load_image` for another limit.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 EVAL_SEED_OFFSET = 1000
 SPOKEN_QUESTION = {"color": "color {kind}", "count": "count {kind}", "position": "where {kind}"}
 
@@ -328,17 +338,36 @@ def normalize_mm_record(record, fmt: str, root: Path) -> dict:
 # Loading media
 
 
-def load_image(media: Media):
-    """A PIL RGB image; DataError (missing_file / corrupt_image) naming the file."""
+def load_image(media: Media, max_pixels: int = MAX_IMAGE_PIXELS):
+    """A PIL RGB image; DataError (missing_file / corrupt_image / image_too_large) naming the file.
+
+    The size is read from the header and checked against ``max_pixels`` (:data:`MAX_IMAGE_PIXELS`)
+    before any pixel is decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if media.path is not None and not media.path.is_file():
         raise DataError(None, None, f"image file {media.describe()} not found", "missing_file", media.field)
+
+    def too_large(size: str) -> DataError:
+        return DataError(None, None, f"image {media.describe()} is {size}, more than the limit of {max_pixels:,} "
+                         f"pixels (mmtune.multimodal.data.MAX_IMAGE_PIXELS; a decompression bomb?); downscale it "
+                         "or remove the record", "image_too_large", media.field)
+
     try:
         src = str(media.path) if media.path is not None else io.BytesIO(media.data)
-        with Image.open(src) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL warns above its own (higher) limit; ours below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                if im.width * im.height > max_pixels:
+                    raise too_large(f"{im.width}x{im.height} = {im.width * im.height:,} pixels")
+                im.load()
+                return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # beyond twice PIL's limit it refuses in Image.open already
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise too_large(f"{int(n[1]):,} pixels" if n else "beyond PIL's decompression-bomb limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(None, None, f"image {media.describe()} cannot be decoded ({type(e).__name__}: {e}); re-encode "
                         "it as PNG/JPEG or remove the record", "corrupt_image", media.field) from None

@@ -70,7 +70,11 @@ BUILTIN_AUDIO = "builtin:tiny-conformer"
 @dataclass
 class ImageInput:
     """One image, tiled: ``pixels`` uint8 ``(N_tiles, 3, C, C)`` (4x smaller than floats; normalised
-    on use), the tiler's ``grid`` / ``sub_token_grid``, and the ``num_tokens`` it occupies."""
+    on use), the tiler's ``grid`` / ``sub_token_grid``, and the ``num_tokens`` it occupies.
+    ``global_view``: Phi-4's float global view ``(3, C, C)`` in pixel/255 units, stored as float16
+    (error <= 5e-4, against 2e-3 for 8 bits, and no clipping of bicubic overshoot); it replaces the
+    last tile of ``pixels`` on use. ``patch_mask``: ``(N_tiles, h, w)`` bool, False on patches of
+    padding (Phi-4 tiling), passed to the vision tower's attention."""
 
     pixels: torch.Tensor
     grid: tuple[int, int]
@@ -78,6 +82,8 @@ class ImageInput:
     num_tokens: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    global_view: torch.Tensor | None = None
+    patch_mask: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -85,11 +91,13 @@ class ImageInput:
 
     def pixel_values(self) -> torch.Tensor:
         """``(N, 3, C, C)`` float32 ``(pixel/255 - mean)/std``, the same arithmetic as
-        :func:`mmtune.multimodal.tiling.images_to_tensor`."""
+        :meth:`mmtune.multimodal.tiling.TiledImage.pixel_values`."""
+        from .tiling import normalize
+
         x = self.pixels.float() / 255.0  # (N, 3, C, C)
-        m = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        s = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (x - m) / s
+        if self.global_view is not None:
+            x[-1] = self.global_view.float()
+        return normalize(x, self.mean, self.std)
 
 
 @dataclass
@@ -235,8 +243,9 @@ class ComposedModel(nn.Module):
         pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (N, 3, C, C)
         h, w = self.image_grid()
         n = self.vision_projector.num_tokens(tiled.num_tiles, h, w, tiled.grid, tiled.sub_token_grid)
+        glob = tiled.global_view.to(torch.float16) if tiled.global_view is not None else None
         return ImageInput(pixels, tuple(tiled.grid), tuple(tiled.sub_token_grid), int(n), tuple(tiled.mean),
-                          tuple(tiled.std))
+                          tuple(tiled.std), glob, tiled.patch_mask)
 
     def image_num_tokens(self, image) -> int:
         return self.process_image(image).num_tokens
@@ -267,7 +276,12 @@ class ComposedModel(nn.Module):
         """All tiles of ``images`` through the tower in one batch, then each image's tiles through
         the projector: ``(sum of num_tokens, H)``, image by image."""
         pixels = torch.cat([im.pixel_values() for im in images]).to(self.device)  # (sum N, 3, C, C)
-        feats = self.vision_encoder(pixels)  # (sum N, h, w, C)
+        mask = None
+        if any(im.patch_mask is not None for im in images) and getattr(self.vision_encoder, "supports_patch_mask", False):
+            h, w = self.vision_encoder.grid_size(*pixels.shape[-2:])
+            mask = torch.cat([im.patch_mask if im.patch_mask is not None else
+                              torch.ones(im.num_tiles, h, w, dtype=torch.bool) for im in images])  # (sum N, h, w)
+        feats = self.vision_encoder(pixels, patch_mask=mask)  # (sum N, h, w, C); padding never attended to
         out, k = [], 0
         for im in images:
             emb = self.vision_projector(feats[k:k + im.num_tiles], im.grid, im.sub_token_grid)  # (num_tokens, H)

@@ -12,7 +12,9 @@ transformers; REFERENCE.md section 1)
     resized keeping its aspect ratio to fit the grid and padded white on the right/bottom. A
     global ``C x C`` view of the padded canvas follows the tiles. Token rows/columns that fall
     entirely inside the padding are dropped by the model, so the token count depends on the
-    padding (see :func:`phi4_num_tokens`).
+    padding (see :func:`phi4_num_tokens`). Both resizes are the processor's own (torch
+    ``interpolate``): the canvas bilinear with antialiasing on 8-bit pixels, the global view
+    bicubic *without* antialiasing on the float canvas, kept in float (:attr:`TiledImage.global_view`).
 
 ``internvl`` (InternVL 1.5/2/2.5 ``dynamic_preprocess``; REFERENCE.md section 2)
     The grid is the closest aspect ratio among grids with ``min_num..max_num`` tiles; the image
@@ -64,6 +66,12 @@ class TiledImage:
     ``sub_token_grid``: ``(rows, cols)`` of the sub-image token grid that carry image content
     (phi4 drops token rows/cols lying wholly in the white padding; internvl has no padding).
     ``mean``/``std``: the normalisation :meth:`pixel_values` applies by default.
+    ``global_view``: phi4 only, the exact global view ``(3, C, C)`` float32 in pixel/255 units
+    (bicubic overshoots [0, 1]; ``tiles[-1]`` is it rounded to 8 bits for display);
+    :meth:`pixel_values` uses it in place of ``tiles[-1]``.
+    ``patch_mask``: phi4 only, ``(N, C/patch, C/patch)`` bool, False on the patches wholly inside
+    the white padding (the global view is all True): the vision tower's attention mask, as
+    Phi4MultimodalImageProcessor's ``image_attention_mask``.
     """
 
     tiles: list[Image.Image]
@@ -75,6 +83,8 @@ class TiledImage:
     mode: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    global_view: torch.Tensor | None = None
+    patch_mask: torch.Tensor | None = None
 
     @property
     def num_tiles(self) -> int:
@@ -82,16 +92,25 @@ class TiledImage:
 
     def pixel_values(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
         """The tiles as a float tensor ``(N, 3, C, C)``, scaled to [0, 1] and normalised."""
-        return images_to_tensor(self.tiles, self.mean if mean is None else mean, self.std if std is None else std)
+        mean, std = self.mean if mean is None else mean, self.std if std is None else std
+        if self.global_view is None:
+            return images_to_tensor(self.tiles, mean, std)
+        glob = normalize(self.global_view[None], mean, std)  # (1, 3, C, C)
+        return torch.cat([images_to_tensor(self.tiles[:-1], mean, std), glob])
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of ``(N, 3, H, W)`` values in pixel/255 units."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() - m) / s
 
 
 def images_to_tensor(images: Sequence[Image.Image], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Stack same-sized RGB images into ``(N, 3, H, W)`` float32: ``(pixel/255 - mean) / std``."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 255.0  # (N, H, W, 3)
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalize(x, mean, std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,11 +217,16 @@ def phi4_crops(image: Image.Image, crop_size: int = 448, max_crops: int = 36, pa
     """Phi-4-multimodal dynamic multi-crop ("dynamic HD") of one image.
 
     ``max_crops`` 36 is the default of Phi-4's released processor (``dynamic_hd``); the paper uses
-    16 in pretraining and 36 in SFT. Resizing follows ``dynamic_preprocess``: scale by the
-    smaller of ``target/orig`` per side, truncate to int, pad white on the right/bottom. The
-    processor resizes with torchvision (bilinear) and builds the global view from the normalised
-    tensor (bicubic); here PIL does both, so pixels differ by interpolation rounding while the
-    geometry, the masks and the token count are identical.
+    16 in pretraining and 36 in SFT. Geometry, resizes and masks follow transformers'
+    ``Phi4MultimodalImageProcessor``: ``dynamic_preprocess`` scales by the smaller of
+    ``target/orig`` per side, truncates to int, resizes the 8-bit image bilinearly with
+    antialiasing (torchvision ``resize``'s default, which is torch ``interpolate``) and pads it
+    white on the right/bottom; ``_preprocess`` then resizes the whole normalised canvas to
+    ``C x C`` with bicubic interpolation and ``antialias=False`` for the global view. Both are
+    done here with the same torch ``interpolate`` calls (bicubic is linear with weights summing
+    to 1, so it commutes with the per-channel normalisation), and the global view is kept in
+    float: no antialiasing, so it aliases fine detail exactly as the reference model saw in
+    training, and bicubic overshoot beyond [0, 255] is not clipped.
     """
     image = _check_image(image)
     side = phi4_token_side(crop_size, patch_size)
@@ -223,21 +247,35 @@ def phi4_crops(image: Image.Image, crop_size: int = 448, max_crops: int = 36, pa
                         f"the image, or raise max_crops", reason="extreme_aspect_ratio")
     pad_w, pad_h = target_w - new_w, target_h - new_h
 
-    canvas = Image.new("RGB", (target_w, target_h), (255, 255, 255))
-    canvas.paste(image.resize((new_w, new_h), Image.Resampling.BILINEAR), (0, 0))
-    tiles = [canvas.crop((c * crop_size, r * crop_size, (c + 1) * crop_size, (r + 1) * crop_size))
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+    resized = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                                              antialias=True)  # (1, 3, new_h, new_w) uint8
+    canvas = torch.full((1, 3, target_h, target_w), 255, dtype=torch.uint8)  # white padding right/bottom
+    canvas[:, :, :new_h, :new_w] = resized
+    global_view = torch.nn.functional.interpolate(canvas.float() / 255.0, size=(crop_size, crop_size), mode="bicubic",
+                                                  align_corners=False, antialias=False)[0]  # (3, C, C)
+    canvas_image = Image.fromarray(canvas[0].permute(1, 2, 0).numpy())  # (target_h, target_w, 3)
+    tiles = [canvas_image.crop((c * crop_size, r * crop_size, (c + 1) * crop_size, (r + 1) * crop_size))
              for r in range(rows) for c in range(cols)]
-    tiles.append(canvas.resize((crop_size, crop_size), Image.Resampling.BICUBIC))
+    shown = (global_view.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (C, C, 3)
+    tiles.append(Image.fromarray(shown))
 
     # Patches wholly inside the padding are masked: floor(pad / patch) of them per axis.
     m = crop_size // patch_size
+    canvas_mask = torch.ones(rows * m, cols * m, dtype=torch.bool)  # (rows*m, cols*m) over the canvas patches
+    if pad_w // patch_size:
+        canvas_mask[:, -(pad_w // patch_size):] = False
+    if pad_h // patch_size:
+        canvas_mask[-(pad_h // patch_size):, :] = False
+    crop_masks = canvas_mask.reshape(rows, m, cols, m).transpose(1, 2).reshape(rows * cols, m, m)  # (r*c, m, m)
+    patch_mask = torch.cat([crop_masks, torch.ones(1, m, m, dtype=torch.bool)])  # global view last
     valid_rows = _valid_pooled(rows, m, pad_h // patch_size)
     valid_cols = _valid_pooled(cols, m, pad_w // patch_size)
     return TiledImage(
         tiles=tiles, grid=(rows, cols),
         num_tokens=phi4_num_tokens(rows, cols, side, valid_rows, valid_cols),
         has_global=True, sub_token_grid=(valid_rows, valid_cols), crop_size=crop_size, mode="phi4",
-        mean=tuple(mean), std=tuple(std),
+        mean=tuple(mean), std=tuple(std), global_view=global_view, patch_mask=patch_mask,
     )
 
 

@@ -9,6 +9,14 @@ By default the tower is *pruned*: encoder layers after the feature layer and the
 only read the last layer (post-LayerNorm, pooling head) are removed. They cost compute, and
 when the tower is trained their parameters would receive no gradient (which DDP rejects).
 ``hidden_states[-1]`` of the pruned tower is ``hidden_states[feature_layer]`` of the full one.
+
+Padding: Phi-4 pads a crop white to its grid and passes the patch mask into the vision
+attention (``Phi4MultimodalImageEmbedding.get_img_features`` -> ``Phi4MultimodalVisionModel(
+patch_attention_mask=...)``). ``forward(pixels, patch_mask)`` does the same on a SigLIP tower:
+padded patches are masked as attention keys, and the position embeddings of the content patches
+are those of Phi4MultimodalVisionEmbeddings (NaViT-style: the content region's fractional
+coordinates bucketed onto the position table, :func:`phi4_patch_position_ids`). Without a mask
+(InternVL tiles, CLIP / ViT towers) the tower runs as transformers defines it.
 """
 
 from __future__ import annotations
@@ -176,10 +184,26 @@ class VisionTower(nn.Module):
         """``(h, w)`` patch grid for an input of ``height x width`` px (default: the config size)."""
         return (height or self.image_size) // self.patch_size, (width or self.image_size) // self.patch_size
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` pixels -> ``(N, H/patch, W/patch, C)`` features of ``feature_layer``."""
+    @property
+    def supports_patch_mask(self) -> bool:
+        """Whether :meth:`forward` takes a ``patch_mask`` (SigLIP towers, as Phi-4's)."""
+        return self.model.config.model_type == "siglip_vision_model"
+
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, 3, H, W)`` pixels -> ``(N, H/patch, W/patch, C)`` features of ``feature_layer``.
+
+        ``patch_mask``: ``(N, H/patch, W/patch)`` bool, False on patches of padding; those are
+        never attended to (SigLIP towers only, see the module docstring)."""
         n, _, height, width = pixel_values.shape
         h, w = self.grid_size(height, width)
+        if patch_mask is not None:
+            if not self.supports_patch_mask:
+                raise ConfigError(f"a patch mask needs a SigLIP vision tower, this one is "
+                                  f"'{self.model.config.model_type}'")
+            if tuple(patch_mask.shape) != (n, h, w):
+                raise ConfigError(f"patch_mask has shape {tuple(patch_mask.shape)}, expected {(n, h, w)}")
+            hidden = self._masked_siglip(pixel_values, patch_mask.to(pixel_values.device, torch.bool))  # (N, h*w, C)
+            return hidden.reshape(n, h, w, hidden.shape[-1])  # (N, h, w, C)
         interpolate = (height, width) != (self.image_size, self.image_size)
         dtype = next(self.model.parameters()).dtype
         kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
@@ -190,6 +214,43 @@ class VisionTower(nn.Module):
             raise ConfigError(f"vision tower returned {hidden.shape[1]} tokens for a {h}x{w} patch grid")
         hidden = hidden[:, extra:]  # (N, h*w, C): drop CLS (CLIP, ViT) or other prefix tokens
         return hidden.reshape(n, h, w, hidden.shape[-1])  # (N, h, w, C)
+
+
+    def _masked_siglip(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        """``hidden_states[feature_layer]`` ``(N, h*w, C)`` of the SigLIP tower with padded patches
+        masked as keys and Phi-4's position ids, as Phi4MultimodalVisionModel computes them."""
+        base = getattr(self.model, "vision_model", self.model)
+        emb = base.embeddings
+        dtype = emb.patch_embedding.weight.dtype
+        n = pixel_values.shape[0]
+        x = emb.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)  # (N, h*w, C)
+        x = x + emb.position_embedding(phi4_patch_position_ids(patch_mask, emb.image_size // emb.patch_size))
+        keep = patch_mask.reshape(n, 1, 1, -1)  # (N, 1, 1, h*w): key mask, broadcast over heads and queries
+        bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        hidden = [x]
+        for layer in base.encoder.layers:
+            x = layer(x, bias)
+            hidden.append(x)
+        return hidden[self._index]
+
+
+def phi4_patch_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
+    """``(N, h*w)`` position ids of the patches of ``patch_mask`` ``(N, h, w)`` on a ``side x side``
+    position table, as Phi4MultimodalVisionEmbeddings.forward computes them (NaViT's
+    fractional-coordinate bucketing): a content region of ``rows x cols`` patches is spread over the
+    whole table, padded patches get id 0 (they are masked anyway). A full ``side x side`` mask gives
+    the identity whenever ``1/side`` is exact in float32 (side a power of two, e.g. 32 at 448/14)."""
+    n, h, w = patch_mask.shape
+    device = patch_mask.device
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+    step_h = 1.0 / patch_mask[:, :, 0].sum(dim=1)  # (N,): 1 / content rows
+    step_w = 1.0 / patch_mask[:, 0, :].sum(dim=1)  # (N,): 1 / content cols
+    frac_h = (torch.arange(h, device=device, dtype=torch.float32)[None, :] * step_h[:, None]).clamp(max=1.0 - 1e-6)
+    frac_w = (torch.arange(w, device=device, dtype=torch.float32)[None, :] * step_w[:, None]).clamp(max=1.0 - 1e-6)
+    rows = torch.bucketize(frac_h, boundaries, right=True)  # (N, h)
+    cols = torch.bucketize(frac_w, boundaries, right=True)  # (N, w)
+    ids = (rows[:, :, None] * side + cols[:, None, :]).reshape(n, -1)  # (N, h*w)
+    return torch.where(patch_mask.reshape(n, -1), ids, torch.zeros_like(ids))
 
 
 def build_vision_config(kind: str = "siglip", image_size: int = 448, patch_size: int = 14, hidden: int = 1152,

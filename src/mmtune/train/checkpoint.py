@@ -11,6 +11,11 @@ Layout of one checkpoint (``OUTPUT/checkpoints/step-00000012/``)::
 
 A checkpoint is written into ``.tmp-step-*`` and renamed into place only when complete, so
 ``--resume`` can never pick up a half-written one; older ones beyond ``keep_last`` are pruned.
+A process killed during a save leaves its ``.tmp-*`` directory behind (and, killed between the
+two renames that replace a checkpoint of the same name, an ``.old-*`` one). The writer records
+its pid, host and process start time in ``.tmp-*/writer.json``; :func:`clean_stale_checkpoint_dirs`
+(run by the trainer at start-up and on ``--resume``) removes those whose writer is gone and
+logs it, and never touches one that a live process is writing.
 
 Sharded runs (FSDP2, DeepSpeed ZeRO-3) write the same layout: every rank takes part in
 gathering the full weights (:func:`full_model_state_dict`) and the full optimizer state keyed
@@ -24,6 +29,8 @@ import json
 import os
 import re
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +38,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 STEP_RE = re.compile(r"^step-(\d+)$")
+TMP_RE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")  # .tmp-NAME-PID while writing, .old-NAME-PID while replacing
+WRITER_FILE = "writer.json"
 
 
 def _is_hf(model) -> bool:
@@ -219,6 +228,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    (tmp / WRITER_FILE).write_text(json.dumps(_writer()))
     save_model(model, tmp / "model", model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
@@ -227,6 +237,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dic
     torch.save(trainer_state, tmp / "trainer_state.pt")
     info = {"step": step, **(meta or {})}
     (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+    (tmp / WRITER_FILE).unlink()  # the pid in the name still identifies the writer until the rename
     dest = root / final_name
     if dest.exists():
         old = root / f".old-{final_name}-{os.getpid()}"
@@ -243,3 +254,80 @@ def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dic
 
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------- stale temporary dirs
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), or
+    None where /proc is not available: with the pid it identifies a process even after pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the fields after "pid (comm) "
+    return int(fields[19])  # field 22 of the whole line: starttime
+
+
+def _writer() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+
+
+def _writer_alive(writer: dict) -> bool:
+    """Whether the process that wrote ``writer`` (pid, host, start) may still be running. A writer on
+    another host cannot be checked from here and counts as alive."""
+    if writer.get("host") not in (None, socket.gethostname()):
+        return True
+    pid = int(writer["pid"])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    start = writer.get("start")
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def clean_stale_checkpoint_dirs(output_dir: str | Path, log: Callable[[str], None] | None = print) -> list[Path]:
+    """Remove the ``.tmp-*`` / ``.old-*`` directories of saves killed mid-way in ``output_dir`` and
+    ``output_dir/checkpoints``; returns the paths removed (or restored) and logs one line.
+
+    A directory is stale when its writer (``writer.json``, else the pid in its name on this host)
+    is no longer running; one being written by a live process is kept. An ``.old-NAME-PID`` left
+    between the two renames of a replacement is the complete previous ``NAME``: it is renamed back
+    when ``NAME`` is missing, removed otherwise.
+    """
+    out = Path(output_dir)
+    done: list[Path] = []
+    restored: list[str] = []
+    for root in (out, out / "checkpoints"):
+        if not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            m = TMP_RE.match(d.name)
+            if m is None or not d.is_dir():
+                continue
+            writer = {"pid": int(m.group(3)), "host": None}
+            try:
+                writer.update(json.loads((d / WRITER_FILE).read_text()))
+            except (OSError, ValueError):
+                pass  # written before the marker, or after it was removed: the pid in the name
+            if _writer_alive(writer):
+                continue
+            final = root / m.group(2)
+            if m.group(1) == "old" and not final.exists() and (d / "meta.json").is_file():
+                os.replace(d, final)
+                restored.append(final.name)
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+            done.append(d)
+    if done and log is not None:
+        what = f"removed {len(done) - len(restored)} stale temporary checkpoint dir(s) left by interrupted saves"
+        if restored:
+            what += f", restored {', '.join(restored)} from its .old copy"
+        log(f"checkpoints: {what} in {out}: {', '.join(d.name for d in done)}")
+    return done

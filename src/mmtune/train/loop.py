@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ..config import TrainConfig
 from ..errors import MMTuneError
 from .checkpoint import (
+    clean_stale_checkpoint_dirs,
     full_model_state_dict,
     is_sharded,
     latest_checkpoint,
@@ -348,6 +349,8 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False) -> dict:
         """Train to ``total_steps``. ``resume``: True (latest checkpoint in output_dir) or a path."""
         cfg = self.cfg
+        if self.rank == 0:  # saves killed mid-way leave .tmp-* dirs; drop those no live process writes
+            clean_stale_checkpoint_dirs(self.out)
         if resume:
             ckpt = latest_checkpoint(self.out) if resume is True else Path(resume)
             if ckpt is None:
