@@ -32,9 +32,12 @@ def run_plan(tmp_path: Path, runs: list[dict], nproc: int = 2, timeout: float = 
 
 
 def assert_close_curves(a: list[float], b: list[float], tol: float = 1e-5) -> None:
+    """Equal within ``tol`` for values up to 1 and within ``tol`` relative above (fp32 sums over
+    differently sharded gradients round differently: a gradient norm of 2.09 measured 1.6e-5 apart
+    on this machine's kernels, 7.6e-6 relative)."""
     assert len(a) == len(b), (a, b)
-    diffs = [abs(x - y) for x, y in zip(a, b)]
-    assert max(diffs) <= tol, f"loss curves differ by up to {max(diffs):.2e}:\n{a}\n{b}"
+    diffs = [abs(x - y) / max(1.0, abs(x), abs(y)) for x, y in zip(a, b)]
+    assert max(diffs) <= tol, f"curves differ by up to {max(diffs):.2e} (relative above 1):\n{a}\n{b}"
 
 
 def saved_weights(run_dir: Path) -> dict[str, torch.Tensor]:

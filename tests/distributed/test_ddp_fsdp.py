@@ -51,12 +51,16 @@ def test_same_training_as_one_process(results, dist, strategy, adapter, suffix):
     if run["eval_loss"] is not None:  # the token-weighted eval loss over all ranks' rows
         assert abs(run["eval_loss"] - ref["eval_loss"]) <= 1e-5
         assert len(run["samples"]) == 1 and len(run["samples"][0]["output"].split()) == 4
-    # The final checkpoint (gathered from the shards under FSDP2) holds the same weights, within
-    # 1e-4: Adam divides by sqrt(v), which magnifies fp32 summation-order differences of
-    # near-zero gradients (a step moves a weight by up to lr = 1e-2; measured max 3e-5).
+    # The final checkpoint (gathered from the shards under FSDP2) holds the same weights: within
+    # 1e-4 except for at most 0.1% of the elements, none beyond 1e-3. Adam divides by sqrt(v),
+    # which magnifies fp32 summation-order differences of near-zero gradients (a step moves a
+    # weight by up to lr = 1e-2): measured max 3e-5 on one machine; on an AVX-512 EPYC the fused
+    # loss under FSDP2 left 1 of 8192 elements 1.1e-4 to 2.7e-4 apart, varying run to run.
     a, b = dist.saved_weights(tmp / f"ref_{adapter}"), dist.saved_weights(tmp / name)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+        diff = (a[k].float() - b[k].float()).abs()
+        assert diff.max() <= 1e-3 and (diff > 1e-4).float().mean() <= 1e-3, (
+            f"{k}: max diff {diff.max():.2e}, {int((diff > 1e-4).sum())} of {diff.numel()} elements over 1e-4")
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in b.items() if "lora_B" in k) or adapter == "full"
 
