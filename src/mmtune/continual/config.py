@@ -143,8 +143,8 @@ class ContinualConfig(Section):
         "changes (e.g. permuted pixels); no task id at test.")
     tasks: list[TaskConfig] = Field(min_length=1, description="The tasks, in training order.")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How to learn without forgetting: "
-                                     "{name, settings}, or a list of strategies to compose, each a name or {name, "
-                                     "settings: {its own keys}}.")
+                                     "{name, settings}, a name (`replay+lwf` composes), or a list of strategies to "
+                                     "compose, each a name or {name, settings: {its own keys}}.")
     keep_optimizer_state: bool = Field(False, description="Carry the optimizer state (AdamW moments and step count, "
                                        "per parameter) from one task to the next, as Avalanche does; false starts "
                                        "each task with a fresh optimizer. The schedule restarts either way.")
@@ -166,6 +166,8 @@ class ContinualConfig(Section):
     @field_validator("strategy", mode="before")
     @classmethod
     def _strategy_list(cls, v):
+        if isinstance(v, str):  # `strategy: replay+lwf`
+            return {"name": v}
         return StrategyConfig.from_list(v) if isinstance(v, list) else v
 
     @model_validator(mode="after")

@@ -151,6 +151,6 @@ def run_sweep(recipe: str | Path | dict, strategies: Sequence[str], seeds: Seque
             "scenario": scenario or cc.scenario, "benchmark": cc.benchmark, "seeds": list(seeds),
             "strategies": list(strategies), "seconds": seconds,
             "title": title or f"{recipe if not isinstance(recipe, dict) else 'recipe'}: "
-                              f"{scenario or cc.scenario}-incremental, {len(list(seeds))} seeds"}
+                              f"{scenario or cc.scenario}-incremental, {len(list(seeds))} seed{'s' * (len(list(seeds)) != 1)}"}
     paths = write_sweep_report(out, results, meta)
     return {"results": results, "report": paths, "meta": meta}
