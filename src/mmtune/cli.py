@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("continual", help="train a sequence of tasks and measure forgetting",
                        usage="mmtune continual RECIPE [key=value ...] [--resume]\n"
-                             "       mmtune continual sweep RECIPE --strategies A,B+C --seeds N [key=value ...]",
+                             "       mmtune continual sweep RECIPE [key=value ...] --strategies A,B+C --seeds N",
                        description="Train the tasks of RECIPE in order with its continual-learning strategy; "
                        "evaluate every task before training and after each task; write the accuracy matrix, "
                        "metrics (ACC, BWT, FWT, forgetting) and a report. `mmtune continual sweep RECIPE` runs "
