@@ -147,7 +147,11 @@ class ContinualConfig(Section):
                                      "compose, each a name or {name, settings: {its own keys}}.")
     keep_optimizer_state: bool = Field(False, description="Carry the optimizer state (AdamW moments and step count, "
                                        "per parameter) from one task to the next, as Avalanche does; false starts "
-                                       "each task with a fresh optimizer. The schedule restarts either way.")
+                                       "each task with a fresh optimizer. The schedule restarts either way. "
+                                       "Split-Digits class-incremental, 5 seeds, kept vs reset ACC: replay 91.9 vs "
+                                       "87.5, DER++ 93.2 vs 89.6, GEM 93.4 vs 92.8, but A-GEM 36.9 vs 85.7 (with the "
+                                       "moments carried over, its projected steps forget as if unprojected: "
+                                       "forgetting 77.7 vs 13.9), hence off by default.")
     digits_net: DigitsNetConfig = Field(default_factory=DigitsNetConfig, description="Classifier of the digits "
                                         "benchmark.")
     split_seed: int = Field(0, description="Seed of the digits train/test split (kept fixed across run seeds).")
