@@ -172,12 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multimodal", action="store_true", help="the multimodal demo (tiny encoders + staged recipe)")
 
     p = sub.add_parser("continual", help="train a sequence of tasks and measure forgetting",
+                       usage="mmtune continual RECIPE [key=value ...] [--resume]\n"
+                             "       mmtune continual sweep RECIPE [key=value ...] --strategies A,B+C --seeds N",
                        description="Train the tasks of RECIPE in order with its continual-learning strategy; "
                        "evaluate every task before training and after each task; write the accuracy matrix, "
-                       "metrics (ACC, BWT, FWT, forgetting) and a report.")
-    p.add_argument("recipe")
+                       "metrics (ACC, BWT, FWT, forgetting) and a report. `mmtune continual sweep RECIPE` runs "
+                       "RECIPE once per strategy and seed and writes one report (mean ± sd table, paired "
+                       "comparison with the first strategy, accuracy-matrix heatmaps, per-task curves).")
+    p.add_argument("recipe", help="a recipe, or `sweep` followed by a recipe")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    sw = p.add_argument_group("sweep (mmtune continual sweep RECIPE ...)")
+    sw.add_argument("--strategies", default=None, metavar="A,B+C",
+                    help="comma-separated strategies; `+` composes (replay+lwf); settings come from the recipe's "
+                    "continual.strategy.settings. Default: the recipe's own strategy")
+    sw.add_argument("--seeds", type=int, default=5, help="runs per strategy, seeds train.seed .. train.seed+N-1 "
+                    "(default 5)")
+    sw.add_argument("--scenario", choices=["class", "task", "domain"], default=None,
+                    help="digits benchmark: switch the scenario (and its standard tasks)")
+    sw.add_argument("--output", default=None, help="report directory (default: TRAIN.OUTPUT_DIR-sweep)")
 
     _add_gguf_parsers(sub)
     return ap
@@ -353,10 +366,41 @@ def _cmd_demo(args) -> int:
 
 def _cmd_continual(args) -> int:
     from .config import load_recipe
+
+    if args.recipe == "sweep":
+        return _cmd_continual_sweep(args)
+    given = [f for f in ("strategies", "scenario", "output") if getattr(args, f) is not None]
+    if given:
+        raise MMTuneError(f"--{given[0]} belongs to `mmtune continual sweep RECIPE ...`")
     from .continual.runner import run_continual
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_continual(recipe, resume=args.resume)
+    return 0
+
+
+def _cmd_continual_sweep(args) -> int:
+    from .config import load_recipe
+    from .continual.sweep import parse_strategies, run_sweep, table
+
+    if not args.overrides:
+        raise MMTuneError("mmtune continual sweep: give a recipe, e.g. "
+                          "`mmtune continual sweep continual-digits --strategies replay,gem --seeds 5`")
+    if args.resume:
+        raise MMTuneError("mmtune continual sweep has no --resume; run it again")
+    if args.seeds < 1:
+        raise MMTuneError(f"--seeds {args.seeds}: give at least 1")
+    name, overrides = args.overrides[0], args.overrides[1:]
+    recipe = load_recipe(name, overrides)
+    if recipe.continual is None:
+        raise MMTuneError(f"{name} has no `continual` section (see `mmtune config copy continual-digits`)")
+    strategies = parse_strategies(args.strategies) if args.strategies else [recipe.continual.strategy.label]
+    seed = recipe.train.seed
+    out = args.output or f"{recipe.train.output_dir.rstrip('/')}-sweep"
+    res = run_sweep(name, strategies, range(seed, seed + args.seeds), out, overrides=overrides,
+                    scenario=args.scenario, log=lambda s: print(s, flush=True))
+    print("\n" + table(res["results"], res["meta"]["title"]))
+    print(f"report: {res['report']['markdown']}")
     return 0
 
 

@@ -22,10 +22,17 @@ def digits_recipe(out, strategy: str = "naive", settings: dict | None = None, *,
         tr["max_steps"] = max_steps
     tr.update(train or {})
     cc = {"benchmark": "digits", "scenario": scenario, "tasks": tasks, "torch_threads": 1, "report": False,
-          "strategy": {"name": strategy, "settings": {strategy: settings or {}}}, **continual}
+          "strategy": {"name": strategy, "settings": _keyed(strategy, settings)}, **continual}
     if net:
         cc["digits_net"] = net
     return validate_recipe({"train": tr, "continual": cc})
+
+
+def _keyed(strategy: str, settings: dict | None) -> dict:
+    """One strategy: its settings; a composition `a+b`: settings already keyed by strategy name."""
+    if "+" in strategy:
+        return dict(settings or {})
+    return {strategy: settings or {}}
 
 
 @pytest.fixture

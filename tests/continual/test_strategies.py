@@ -374,7 +374,7 @@ def test_strategy_settings_are_validated_with_suggestions():
 
 def test_every_strategy_is_registered_and_documented():
     expected = {"naive", "joint", "ewc", "online_ewc", "lwf", "feature_kd", "zscl", "replay", "derpp", "agem",
-                "task_lora", "olora", "l2p"}
+                "gem", "task_lora", "olora", "l2p"}
     assert set(STRATEGIES.names()) == expected
     for name in expected:
         cls = STRATEGIES.get(name)

@@ -2,7 +2,8 @@
 
 - :func:`run_continual` (``mmtune continual RECIPE``): the runner (runner.py)
 - ``STRATEGIES``: naive, joint, ewc, online_ewc, lwf, feature_kd, zscl, replay, derpp, agem,
-  task_lora, olora, l2p (strategies/)
+  gem, task_lora, olora, l2p (strategies/); several compose (strategies/compose.py)
+- sweep.py / sweep_report.py: ``mmtune continual sweep``, strategies x seeds, one report
 - metrics.py: ACC, average incremental accuracy, BWT, FWT, forgetting (two conventions)
 - buffer.py: reservoir and class-balanced rehearsal memories, in RAM or on disk
 - benchmarks.py: Split-Digits (class / task / domain incremental) and the text task sequence

@@ -11,7 +11,8 @@ Output directory layout (``train.output_dir``)::
     continual/state/         resume point, written atomically after each finished task:
                                weights.safetensors (every parameter trained so far),
                                strategy.pt (memories, Fisher, RNG states), progress.json
-                               (b, R rows, losses, curves)
+                               (b, R rows, losses, loss terms, curves), optimizer.pt
+                               (keep_optimizer_state)
     continual/buffer/        on-disk rehearsal memory (``on_disk: true``)
     report.md, accuracy_matrix.png, task_curves.png, metrics.json
 
@@ -35,8 +36,10 @@ from ..errors import ConfigError, MMTuneError
 from ..train.loop import Trainer, seed_everything
 from .benchmarks import Benchmark, TaskData, build_benchmark
 from .metrics import summarize
+from .optimizer_state import load_param_states, param_states
 from .strategies import STRATEGIES
 from .strategies.base import Strategy, StrategyContext, isolated_rng
+from .strategies.compose import Composite
 
 #: Recipe keys that may change between a run and its resume (they do not change results).
 _VOLATILE_TRAIN_KEYS = ("output_dir", "progress", "tensorboard", "log_every")
@@ -92,7 +95,8 @@ def _state_dirs(cdir: Path) -> list[Path]:
     return [p for p in cands if (p / "progress.json").is_file()]
 
 
-def save_state(cdir: Path, model, trained: set[str], strategy: Strategy, progress: dict, fingerprint: dict) -> None:
+def save_state(cdir: Path, model, trained: set[str], strategy: Strategy, progress: dict, fingerprint: dict,
+               optimizer: dict | None = None) -> None:
     """Write the resume point into ``cdir/state`` atomically (temp dir, then rename)."""
     cdir.mkdir(parents=True, exist_ok=True)
     tmp = cdir / f".tmp-state-{os.getpid()}"
@@ -101,6 +105,8 @@ def save_state(cdir: Path, model, trained: set[str], strategy: Strategy, progres
     weights = {n: v.detach().cpu().clone().contiguous() for n, v in model.state_dict().items() if n in trained}
     save_file(weights, str(tmp / "weights.safetensors"))
     torch.save(strategy.state_dict(), tmp / "strategy.pt")
+    if optimizer:  # continual.keep_optimizer_state: the state carried into the next task
+        torch.save(optimizer, tmp / "optimizer.pt")
     (tmp / "recipe.json").write_text(json.dumps(fingerprint, sort_keys=True))
     (tmp / "progress.json").write_text(json.dumps(progress))  # written last: marks the state complete
     dest = cdir / "state"
@@ -124,6 +130,7 @@ def load_state(cdir: Path) -> dict | None:
         "progress": json.loads((d / "progress.json").read_text()),
         "fingerprint": json.loads((d / "recipe.json").read_text()),
         "strategy": torch.load(d / "strategy.pt", map_location="cpu", weights_only=False),
+        "optimizer": torch.load(d / "optimizer.pt", map_location="cpu") if (d / "optimizer.pt").is_file() else {},
     }
 
 
@@ -152,11 +159,11 @@ def _diff_keys(a, b, prefix="") -> list[str]:
 
 def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Path, log=print) -> Strategy:
     cc = recipe.continual
-    cls = STRATEGIES.get(cc.strategy.name)
-    if cls.needs_task_id and cc.scenario != "task":
-        raise ConfigError(f"continual.strategy.name = {cls.name} routes by task id at test: it needs "
-                          f"continual.scenario: task (got {cc.scenario})")
-    settings = cls.parse_settings(cc.strategy.chosen_settings())
+    classes = [STRATEGIES.get(name) for name in cc.strategy.names]
+    for cls in classes:
+        if cls.needs_task_id and cc.scenario != "task":
+            raise ConfigError(f"continual.strategy.name = {cls.name} routes by task id at test: it needs "
+                              f"continual.scenario: task (got {cc.scenario})")
     objective = bench.objective(features=False)
     has_reference = type(bench).reference_rows is not Benchmark.reference_rows
     ctx = StrategyContext(objective=objective, collate=bench.collate, device=device, scenario=cc.scenario,
@@ -164,7 +171,8 @@ def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Pat
                           batch_size=recipe.train.batch_size, lr=recipe.train.lr, work_dir=work_dir, label_fn=bench.label,
                           kd_groups=bench.kd_groups, reference_rows=bench.reference_rows if has_reference else None,
                           lora_defaults=bench.lora_defaults, log=log)
-    strategy = cls(settings, ctx)
+    members = [cls(cls.parse_settings(cc.strategy.settings_for(cls.name)), ctx) for cls in classes]
+    strategy = members[0] if len(members) == 1 else Composite(members, ctx)
     if strategy.needs_features and hasattr(objective, "features"):
         objective.features = True
     return strategy
@@ -224,6 +232,7 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
     else:
         progress = {"b": None, "R": [], "losses": [], "curves": [], "trained": [], "steps": []}
     trained = set(progress["trained"])
+    opt_states = state["optimizer"] if state is not None else {}
 
     def _eval():
         return evaluate_all(bench, strategy, model, cc.eval_batch_size)
@@ -243,22 +252,29 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         plugins: list = [strategy]
         if cc.curve_every:
             plugins.append(CurvePlugin(_eval, cc.curve_every, t, progress["curves"]))
-        res = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device,
-                      optimizer_groups=strategy.optimizer_groups(model)).fit()
+        trainer = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device,
+                          optimizer_groups=strategy.optimizer_groups(model))
+        if cc.keep_optimizer_state and opt_states:
+            load_param_states(model, trainer.optimizer, opt_states)
+        res = trainer.fit()
+        if cc.keep_optimizer_state:
+            opt_states = param_states(model, trainer.optimizer)
+        progress.setdefault("terms", []).append(_mean_terms(trainer.history, res["losses"]))
         strategy.after_task(model, task.info, task.train)
         row = _eval()
         progress["R"].append(row)
         progress["losses"].append(res["losses"])
         progress["steps"].append(res["steps"])
         progress["trained"] = sorted(trained)
-        save_state(cdir, model, trained, strategy, progress, fingerprint)
+        save_state(cdir, model, trained, strategy, progress, fingerprint, opt_states)
         log(f"task {t + 1}/{T} '{task.info.name}': {res['steps']} steps, final loss {res['final_loss']:.4f}; "
             + _fmt(bench.tasks, row))
 
     finished = len(progress["R"]) == T
-    result = {"tasks": [t.info.name for t in bench.tasks], "strategy": cc.strategy.name, "scenario": cc.scenario,
+    result = {"tasks": [t.info.name for t in bench.tasks], "strategy": cc.strategy.label, "scenario": cc.scenario,
               "benchmark": cc.benchmark, "b": progress["b"], "R": progress["R"], "finished": finished,
               "losses": progress["losses"], "steps": progress["steps"], "curves": progress["curves"],
+              "terms": progress.get("terms", []),
               "metric_names": [t.metric for t in bench.tasks], "output_dir": str(out),
               "strategy_state": _strategy_summary(strategy)}
     if finished:
@@ -273,8 +289,25 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
     return result
 
 
+def _mean_terms(history: list[dict], losses: list[float]) -> dict[str, float]:
+    """Per task: the mean over its steps of the task loss and of each strategy's loss term."""
+    sums: dict[str, list[float]] = {}
+    for h in history:
+        for k, v in h.items():
+            if k not in _STEP_KEYS and isinstance(v, (int, float)):
+                sums.setdefault(k, []).append(float(v))
+    out = {"loss": sum(losses) / len(losses)} if losses else {}
+    return {**out, **{k: sum(v) / len(v) for k, v in sums.items()}}
+
+
+#: Trainer metrics that are not loss terms.
+_STEP_KEYS = {"step", "loss", "lr", "tokens", "epoch", "grad_norm", "skipped", "tokens_per_s"}
+
+
 def _strategy_summary(strategy: Strategy) -> dict:
     """Small, JSON-able facts about the strategy's run (EWC lambda scaling, A-GEM projections)."""
+    if isinstance(strategy, Composite):
+        return {m.name: _strategy_summary(m) for m in strategy.members}
     out = {}
     for key in ("scale", "events", "projections", "steps"):
         if hasattr(strategy, key):

@@ -1,9 +1,12 @@
-"""Compare strategies over seeds: the numbers behind ``benchmarks/continual_digits.py`` and the slow
-statistical tests.
+"""Compare strategies over seeds: ``mmtune continual sweep RECIPE --strategies a,b+c --seeds N``,
+``benchmarks/continual_digits.py`` and the slow statistical tests.
 
 :func:`compare` runs one recipe (a shipped name, a path, or a dict) once per strategy and seed,
-with the report files off, and returns per-run metrics; :func:`table` formats means and
-standard deviations (population std over seeds) as a Markdown table.
+with the per-run report files off, and returns per-run metrics; :func:`table` formats means and
+standard deviations (population std over seeds) as a Markdown table; :func:`run_sweep` does both
+and writes one report (:mod:`mmtune.continual.sweep_report`). A strategy is a name or a
+composition ``replay+lwf``; each takes its settings from the recipe's
+``continual.strategy.settings`` table.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..config import load_yaml, resolve_recipe_path, validate_recipe
+from ..config import apply_overrides, load_yaml, resolve_recipe_path, validate_recipe
+from .config import StrategyConfig
 from .runner import run_continual
 
 COLUMNS = (("acc", "ACC"), ("avg_incremental_acc", "avg inc. ACC"), ("bwt", "BWT"), ("fwt", "FWT"),
@@ -41,6 +46,10 @@ def compare(recipe: str | Path | dict, strategies: Sequence[str], seeds: Sequenc
     its tasks); ``edit(data, strategy)`` may change the recipe dict per strategy (e.g. the net for
     l2p). Returns ``{strategy: [metrics of each seed]}`` (each with ``R`` and ``b`` added)."""
     base = recipe_data(recipe)
+    strategy = base.setdefault("continual", {}).get("strategy")
+    if isinstance(strategy, list):  # the list form: its settings go to the table of the mapping form
+        base["continual"]["strategy"] = StrategyConfig.from_list(strategy)
+    base["continual"].setdefault("strategy", {})
     if scenario is not None:
         base["continual"]["scenario"] = scenario
         if base["continual"].get("benchmark", "digits") == "digits":
@@ -60,8 +69,10 @@ def compare(recipe: str | Path | dict, strategies: Sequence[str], seeds: Sequenc
                                                     output_dir=str(Path(out_dir) / f"{name}-seed{seed}"))
                 if edit is not None:
                     edit(data, name)
+                t0 = time.perf_counter()
                 res = run_continual(validate_recipe(data, f"<{name} seed {seed}>"), log=lambda s: None)
-                row = {**res["metrics"], "R": res["R"], "b": res["b"], "seed": seed}
+                row = {**res["metrics"], "R": res["R"], "b": res["b"], "seed": seed, "terms": res["terms"],
+                       "seconds": time.perf_counter() - t0, "tasks": res["tasks"]}
                 results.setdefault(name, []).append(row)
                 log(f"{name} seed {seed}: ACC {row['acc']:.3f} forgetting {row['forgetting']:.3f}")
     finally:
@@ -88,3 +99,58 @@ def table(results: dict[str, list[dict]], title: str = "") -> str:
             cells.append("n/a" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def diagonal(row: dict) -> float:
+    """Mean R[j][j]: how well each task was learned when it was trained (plasticity)."""
+    R = row["R"]
+    return statistics.fmean(R[j][j] for j in range(len(R)))
+
+
+def paired_difference(results: dict[str, list[dict]], name: str, baseline: str, key: str = "acc") -> dict | None:
+    """``name`` minus ``baseline`` on ``key``, paired by seed: mean, sample sd and t = mean / (sd / sqrt n)."""
+    base = {r["seed"]: r[key] for r in results.get(baseline, []) if r.get(key) is not None}
+    diffs = [r[key] - base[r["seed"]] for r in results.get(name, []) if r.get(key) is not None and r["seed"] in base]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    return {"n": len(diffs), "mean": mean, "sd": sd, "t": mean / (sd / len(diffs) ** 0.5) if sd > 0 else None}
+
+
+def parse_strategies(text: str) -> list[str]:
+    """``a,b+c`` -> [a, b+c] (a composition keeps its ``+``)."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        from ..errors import ConfigError
+
+        raise ConfigError("--strategies: give at least one strategy, e.g. --strategies naive,replay,replay+lwf")
+    return names
+
+
+def run_sweep(recipe: str | Path | dict, strategies: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
+              overrides: Sequence[str] = (), scenario: str | None = None,
+              edit: Callable[[dict, str], None] | None = None, title: str | None = None, log=print) -> dict:
+    """Run every strategy for every seed and write the sweep report into ``out_dir`` (runs in
+    ``out_dir/runs``). Returns the per-run results and the report's paths."""
+    from .sweep_report import write_sweep_report
+
+    data = apply_overrides(recipe_data(recipe), list(overrides))
+    validate_recipe(copy.deepcopy(data), str(recipe))  # a bad key fails before the first run
+    for name in strategies:  # and so does an unknown strategy or a bad composition
+        probe = copy.deepcopy(data)
+        strat = probe["continual"].get("strategy")
+        probe["continual"]["strategy"] = {**(StrategyConfig.from_list(strat) if isinstance(strat, list)
+                                             else strat or {}), "name": name}
+        validate_recipe(probe, f"--strategies {name}")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    results = compare(data, strategies, seeds, scenario=scenario, edit=edit, out_dir=out / "runs", log=log)
+    seconds = time.perf_counter() - t0
+    cc = validate_recipe(copy.deepcopy(data), str(recipe)).continual
+    meta = {"recipe": str(recipe) if not isinstance(recipe, dict) else "<dict>", "overrides": list(overrides),
+            "scenario": scenario or cc.scenario, "benchmark": cc.benchmark, "seeds": list(seeds),
+            "strategies": list(strategies), "seconds": seconds,
+            "title": title or f"{recipe if not isinstance(recipe, dict) else 'recipe'}: "
+                              f"{scenario or cc.scenario}-incremental, {len(list(seeds))} seed{'s' * (len(list(seeds)) != 1)}"}
+    paths = write_sweep_report(out, results, meta)
+    return {"results": results, "report": paths, "meta": meta}
