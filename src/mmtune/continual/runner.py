@@ -170,6 +170,17 @@ def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Pat
     return strategy
 
 
+def prepare_model(bench: Benchmark, strategy: Strategy, device: torch.device, strategy_state: dict | None = None):
+    """A fresh model on ``device``, set up by the strategy. The model moves first and ``setup``
+    runs after, so whatever ``setup`` snapshots (ZSCL's pre-trained teacher, new adapters) lives on
+    the model's device (issue 17: a teacher taken before ``model.to(cuda)`` stayed on the CPU)."""
+    model = bench.build_model().to(device)
+    if strategy_state is not None:
+        strategy.load_state_dict(strategy_state)
+    model = strategy.setup(model)
+    return model.to(device)
+
+
 def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print) -> dict:
     """Run the recipe's task sequence. Returns R, b, the metrics and the report paths.
 
@@ -212,11 +223,7 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
     objective = strategy.ctx.objective
 
     seed_everything(seed)
-    model = bench.build_model()
-    if state is not None:
-        strategy.load_state_dict(state["strategy"])
-    model = strategy.setup(model)
-    model.to(device)
+    model = prepare_model(bench, strategy, device, state["strategy"] if state is not None else None)
     if state is not None:
         _load_weights(model, state["dir"] / "weights.safetensors")
         progress = state["progress"]
