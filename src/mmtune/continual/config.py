@@ -108,6 +108,12 @@ class ContinualConfig(Section):
                                     "inside each task (finer per-task curves in the report; costs evaluations).")
     report: bool = Field(True, description="Write report.md, the heatmap, the curves and metrics.json at the end "
                          "(off for sweeps: the numbers are still returned and kept in continual/state).")
+    learned_threshold: float = Field(0.5, ge=0, le=1, description="A task counts as learned when its accuracy "
+                                     "right after training it, R[j][j], reaches this; the report flags runs with "
+                                     "unlearned tasks (their forgetting is not meaningful).")
+    intransigence_reference: list[float] | str | None = Field(
+        None, description="Per-task reference accuracies for the intransigence (Chaudhry et al. 2018): one value "
+        "per task, or the metrics.json of a `joint` run of the same tasks (its diagonal). null: n/a.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch during the run "
                                       "(`torch.set_num_threads`); tiny models run fastest on 1, especially on a "

@@ -24,6 +24,8 @@ METRIC_ROWS = (
     ("fwt", "Forward transfer (FWT)", "1/(T-1) sum_{j>=2} R[j-1][j] - b_j"),
     ("forgetting", "Forgetting, max-based (Chaudhry 2018)", "mean_{j<T} max_{j<=l<T} R[l][j] - R[T][j]"),
     ("avalanche_forgetting", "Forgetting, Avalanche (drop since learned)", "mean_{j<T} R[j][j] - R[T][j]"),
+    ("plasticity", "Plasticity (accuracy when learned)", "mean_j R[j][j]"),
+    ("intransigence", "Intransigence (Chaudhry 2018)", "mean_j a*_j - R[j][j], a* = reference (joint) run"),
 )
 
 
@@ -108,6 +110,11 @@ def markdown(result: dict) -> str:
     tasks, R, b, m = result["tasks"], result["R"], result["b"], result["metrics"]
     lines = [f"# Continual learning report: {result['strategy']} on {result['benchmark']} "
              f"({result['scenario']}-incremental, {len(tasks)} tasks)", ""]
+    unlearned = m.get("unlearned_tasks") or []
+    if unlearned:
+        names = ", ".join(f"{tasks[j]} ({R[j][j]:.3f})" for j in unlearned)
+        lines += [f"> **Never learned**: R[j][j] < {m['learned_threshold']:g} for {names}. A task that was never "
+                  "learned cannot be forgotten, so this run's forgetting is not meaningful; read the plasticity.", ""]
     lines += ["## Accuracy matrix", "",
               "Row *after i*: metric on every task after training tasks 1..i; *before*: the untrained model (b).", "",
               "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -119,17 +126,22 @@ def markdown(result: dict) -> str:
     for key, label, definition in METRIC_ROWS:
         lines.append(f"| {label} | {_fmt(m[key])} | `{definition}` |")
     if len(tasks) > 1:
-        lines += ["", "| task | final | max-based forgetting | Avalanche forgetting |", "|---|---|---|---|"]
+        lines += ["", "| task | when learned R[j][j] | final | max-based forgetting | Avalanche forgetting |",
+                  "|---|---|---|---|---|"]
         for j, name in enumerate(tasks):
             f = m["forgetting_per_task"][j] if j < len(tasks) - 1 else None
             a = m["avalanche_forgetting_per_task"][j] if j < len(tasks) - 1 else None
-            lines.append(f"| {name} | {R[-1][j]:.3f} | {_fmt(f)} | {_fmt(a)} |")
+            flag = " (never learned)" if j in unlearned else ""
+            lines.append(f"| {name} | {R[j][j]:.3f}{flag} | {R[-1][j]:.3f} | {_fmt(f)} | {_fmt(a)} |")
     notes = []
     if m["fwt"] is None and len(tasks) > 1:
         notes.append("FWT is n/a in the class-incremental scenario: a single head never trained on a task's "
                      "classes cannot predict them, so R[j-1][j] is 0 by construction and says nothing about transfer.")
     if len(tasks) == 1:
         notes.append("BWT, FWT and forgetting are n/a with a single task.")
+    if m.get("intransigence") is None:
+        notes.append("Intransigence is n/a without a reference: set continual.intransigence_reference to the "
+                     "metrics.json of a `joint` run of the same tasks.")
     state = result.get("strategy_state") or {}
     if state.get("events"):
         notes.append(f"EWC guard scaled lambda {len(state['events'])} time(s); final scale {state['scale']:.3g}.")

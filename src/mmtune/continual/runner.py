@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConfigError, MMTuneError
 from ..train.loop import Trainer, seed_everything
 from .benchmarks import Benchmark, TaskData, build_benchmark
-from .metrics import summarize
+from .metrics import load_reference, summarize
 from .strategies import STRATEGIES
 from .strategies.base import Strategy, StrategyContext, isolated_rng
 
@@ -271,11 +271,18 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
     if finished:
         from .report import write_report
 
-        result["metrics"] = summarize(progress["R"], progress["b"], fwt_defined=bench.fwt_defined)
+        reference = load_reference(cc.intransigence_reference, T)
+        result["metrics"] = summarize(progress["R"], progress["b"], fwt_defined=bench.fwt_defined,
+                                      reference=reference, learned_threshold=cc.learned_threshold)
         result["report"] = write_report(out, result) if cc.report else {}
         m = result["metrics"]
         log(f"done: ACC {m['acc']:.3f}, BWT {_num(m['bwt'])}, FWT {_num(m['fwt'])}, forgetting "
-            f"{_num(m['forgetting'])}" + (f"; report {result['report']['markdown']}" if cc.report else ""))
+            f"{_num(m['forgetting'])}, plasticity {m['plasticity']:.3f}"
+            + (f"; report {result['report']['markdown']}" if cc.report else ""))
+        if m["unlearned_tasks"]:
+            log("warning: never learned (R[j][j] < continual.learned_threshold "
+                f"{cc.learned_threshold:g}): {', '.join(result['tasks'][j] for j in m['unlearned_tasks'])}; "
+                "the forgetting of this run is not meaningful")
     result["model"] = model
     return result
 
