@@ -86,6 +86,11 @@ class Benchmark(abc.ABC):
         """Examples from outside the tasks (ZSCL's reference data)."""
         raise ConfigError(f"{type(self).__name__} has no reference data")
 
+    def before_task(self, model, task: TaskInfo) -> None:
+        """Called after the strategy's ``before_task``: what the benchmark's model must train for
+        ``task`` besides what the strategy chose (the multimodal benchmark's encoders)."""
+        return None
+
     @property
     def lora_defaults(self) -> dict:
         return {}
@@ -338,6 +343,10 @@ def build_benchmark(recipe) -> Benchmark:
         return DigitsBenchmark(cc)
     if cc.benchmark == "text":
         return TextBenchmark(recipe, cc)
-    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text")
+    if cc.benchmark == "multimodal":
+        from .multimodal import MultimodalBenchmark
+
+        return MultimodalBenchmark(recipe, cc)
+    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text, multimodal")
 
 

@@ -20,9 +20,10 @@ from ..registry import did_you_mean
 #: Task sources. ``digits:C1,C2,...`` (scikit-learn's bundled 8x8 digits of those classes),
 #: ``digits-permuted:SEED`` (all ten classes, pixels permuted by a fixed permutation drawn from
 #: SEED; SEED 0 is the identity), ``builtin:TASK`` (an instruction task of
-#: mmtune.data.builtin: add | reverse | capital), or a local JSON / JSONL file of alpaca records
+#: mmtune.data.builtin: add | reverse | capital), ``mm:TASK`` (a built-in multimodal task of the
+#: ``multimodal`` benchmark: vqa | ocr | asr), or a local JSON / JSONL file of alpaca records
 #: ({instruction, input, output}).
-SOURCE_SCHEMES = ("digits:", "digits-permuted:", "builtin:")
+SOURCE_SCHEMES = ("digits:", "digits-permuted:", "builtin:", "mm:")
 
 
 class TaskConfig(Section):
@@ -89,9 +90,11 @@ class DigitsNetConfig(Section):
 
 
 class ContinualConfig(Section):
-    benchmark: Literal["digits", "text"] = Field(
+    benchmark: Literal["digits", "text", "multimodal"] = Field(
         "digits", description="`digits`: Split-Digits on a small classifier (scikit-learn's bundled digits, no "
-        "download). `text`: generative instruction tasks on the recipe's language model.")
+        "download). `text`: generative instruction tasks on the recipe's language model. `multimodal`: built-in "
+        "image and speech tasks (mm:vqa, mm:ocr, mm:asr) on the recipe's LM composed with the tiny vision and audio "
+        "towers, one LoRA per modality (mmtune.continual.multimodal).")
     scenario: Literal["class", "task", "domain"] = Field(
         "class", description="`class`: one head over all classes, no task id at test. `task`: the task id is "
         "given at test (masked heads / per-task adapters). `domain`: same label space, the input distribution "
@@ -130,8 +133,11 @@ class ContinualConfig(Section):
                 src = getattr(t, field)
                 if src is None:
                     continue
-                digits = src.startswith(("digits:", "digits-permuted:"))
-                if digits != (self.benchmark == "digits"):
+                kind = ("digits" if src.startswith(("digits:", "digits-permuted:")) else
+                        "multimodal" if src.startswith("mm:") else "text")
+                if kind != self.benchmark:
+                    expected = {"digits": "digits:... sources", "multimodal": "mm:vqa | mm:ocr | mm:asr",
+                                "text": "builtin:TASK or a file"}[self.benchmark]
                     raise ValueError(f"tasks.{i}.{field} = {src!r} does not fit benchmark '{self.benchmark}' "
-                                     f"({'digits:... sources' if self.benchmark == 'digits' else 'builtin:TASK or a file'})")
+                                     f"({expected})")
         return self

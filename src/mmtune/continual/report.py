@@ -145,6 +145,12 @@ def markdown(result: dict) -> str:
     state = result.get("strategy_state") or {}
     if state.get("events"):
         notes.append(f"EWC guard scaled lambda {len(state['events'])} time(s); final scale {state['scale']:.3g}.")
+    if state.get("buffer", {}).get("bytes"):
+        buf, nb = state["buffer"], state["buffer"]["bytes"]
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in nb["fields"].items())
+        notes.append(f"Memory: {buf['size']} examples of {buf['seen']} seen, {nb['total']:,} bytes in all, "
+                     f"{nb['per_example']:,.0f} bytes per example ({parts}; tensors at their dtype, token ids "
+                     "as int64).")
     if "projections" in state:
         notes.append(f"A-GEM projected {state['projections']} of {state['steps']} steps.")
     if notes:

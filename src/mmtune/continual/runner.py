@@ -244,6 +244,7 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         task: TaskData = bench.tasks[t]
         rows = strategy.train_rows(task.info, task.train, [bench.tasks[j].train for j in range(t + 1)])
         strategy.before_task(model, task.info)
+        bench.before_task(model, task.info)
         trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         cfg = recipe.train.model_copy(update={"output_dir": str(out / "tasks" / f"{t + 1:02d}-{_slug(task.info.name)}"),
                                               "seed": seed + t})
@@ -295,7 +296,7 @@ def _strategy_summary(strategy: Strategy) -> dict:
             out[key] = getattr(strategy, key)
     buf = getattr(strategy, "buffer", None)
     if buf is not None:
-        out["buffer"] = {"size": len(buf), "seen": buf.seen}
+        out["buffer"] = {"size": len(buf), "seen": buf.seen, "bytes": buf.nbytes()}
     return out
 
 
