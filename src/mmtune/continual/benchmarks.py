@@ -49,6 +49,9 @@ class TaskData:
     train: list
     eval: list
     metric: str
+    #: share of the evaluation items that are also training items (1.0: the task is scored on what
+    #: it memorised, not on held-out items)
+    eval_overlap: float = 0.0
 
 
 class Benchmark(abc.ABC):
@@ -276,11 +279,13 @@ class TextBenchmark(Benchmark):
             ev_src = t.eval_source or (f"{t.source}-eval" if t.source.startswith("builtin:") else None)
             if ev_src is None:
                 raise ConfigError(f"continual.tasks.{i}.eval_source: required for file sources ({t.source})")
-            train = [self._encode(r.sample, tid, f"continual.tasks.{i}.source")
-                     for r in load_source(SourceConfig(path=t.source, max_records=t.train_size), seed=0)]
+            samples = [r.sample for r in load_source(SourceConfig(path=t.source, max_records=t.train_size), seed=0)]
+            train = [self._encode(x, tid, f"continual.tasks.{i}.source") for x in samples]
             ev = [self._eval_item(r.sample, tid) for r in
                   load_source(SourceConfig(path=ev_src, max_records=t.eval_size), seed=0)]
-            self.tasks.append(TaskData(TaskInfo(i, t.name, tid, None), train, ev, "exact_match"))
+            seen = {_prompt_key(x["messages"][:-1]) for x in samples}
+            overlap = sum(_prompt_key(e["prompt"]) in seen for e in ev) / max(len(ev), 1)
+            self.tasks.append(TaskData(TaskInfo(i, t.name, tid, None), train, ev, "exact_match", overlap))
 
     def _encode(self, sample: dict, tid: int, where: str) -> dict:
         if "messages" not in sample:
@@ -335,6 +340,10 @@ class TextBenchmark(Benchmark):
         a = self.recipe.adapter
         return {"r": a.r, "alpha": a.alpha, "dropout": a.dropout, "targets": a.targets, "task_type": "CAUSAL_LM",
                 "modules_to_save": list(a.modules_to_save)}
+
+
+def _prompt_key(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages)
 
 
 def build_benchmark(recipe) -> Benchmark:

@@ -115,6 +115,12 @@ def markdown(result: dict) -> str:
         names = ", ".join(f"{tasks[j]} ({R[j][j]:.3f})" for j in unlearned)
         lines += [f"> **Never learned**: R[j][j] < {m['learned_threshold']:g} for {names}. A task that was never "
                   "learned cannot be forgotten, so this run's forgetting is not meaningful; read the plasticity.", ""]
+    overlap = result.get("eval_overlap") or []
+    seen = [f"{tasks[j]} ({x:.0%})" for j, x in enumerate(overlap) if x > 0]
+    if seen:
+        lines += [f"> **Scored on training items**: {', '.join(seen)} of the evaluation items are also training "
+                  "items, so those columns measure memorisation, not generalisation; give held-out "
+                  "`eval_source`s.", ""]
     lines += ["## Accuracy matrix", "",
               "Row *after i*: metric on every task after training tasks 1..i; *before*: the untrained model (b).", "",
               "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -169,6 +175,6 @@ def write_report(out_dir: str | Path, result: dict) -> dict[str, str]:
     plot_curves(result, paths["curves"])
     paths["markdown"].write_text(markdown(result), encoding="utf-8")
     keys = ("tasks", "strategy", "benchmark", "scenario", "b", "R", "metrics", "steps", "metric_names",
-            "strategy_state", "curves")
+            "strategy_state", "curves", "eval_overlap")
     paths["json"].write_text(json.dumps({k: result.get(k) for k in keys}, indent=1, default=str), encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}

@@ -268,6 +268,7 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
               "benchmark": cc.benchmark, "b": progress["b"], "R": progress["R"], "finished": finished,
               "losses": progress["losses"], "steps": progress["steps"], "curves": progress["curves"],
               "metric_names": [t.metric for t in bench.tasks], "output_dir": str(out),
+              "eval_overlap": [t.eval_overlap for t in bench.tasks],
               "strategy_state": _strategy_summary(strategy)}
     if finished:
         from .report import write_report
