@@ -34,3 +34,17 @@ def test_scoring_on_the_training_pairs_is_measured_and_reported():
                    "scenario": "task", "b": [0.0] * 3, "R": R, "metrics": summarize(R), "strategy_state": {},
                    "eval_overlap": [t.eval_overlap for t in bench.tasks]})
     assert "**Scored on training items**: add (100%), reverse (100%), capital (100%)" in md
+
+
+def test_memorisation_matrix_beside_the_held_out_one(tmp_path):
+    from mmtune.continual import run_continual
+
+    from .test_text import text_recipe
+
+    recipe = text_recipe(tmp_path, "naive", steps=2)
+    recipe.continual.report = True
+    res = run_continual(recipe, log=lambda s: None)
+    assert len(res["R_seen"]) == 2 and all(len(r) == 2 for r in res["R_seen"]) and len(res["b_seen"]) == 2
+    assert res["metrics_seen"]["plasticity"] == pytest.approx((res["R_seen"][0][0] + res["R_seen"][1][1]) / 2)
+    md = open(res["report"]["markdown"]).read()
+    assert "## Training items (memorisation)" in md and "Scored on training items" not in md

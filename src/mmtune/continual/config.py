@@ -34,6 +34,9 @@ class TaskConfig(Section):
                                     "of `source` (digits test split; `builtin:TASK-eval`).")
     train_size: int | None = Field(None, gt=0, description="Use at most this many training examples.")
     eval_size: int | None = Field(None, gt=0, description="Evaluate on at most this many examples.")
+    seen_eval_size: int | None = Field(None, gt=0, description="Text tasks: also score this many of the task's "
+                                       "training items, a second matrix (memorisation) beside R (held-out "
+                                       "generalisation). null: not scored.")
     metric: Literal["accuracy", "exact_match"] | None = Field(
         None, description="How the task is scored. Default: accuracy (digits), exact_match (text: the stripped "
         "greedy answer equals the reference).")
@@ -51,6 +54,17 @@ class TaskConfig(Section):
             return v
         raise ValueError(f"unknown source {v!r}; use one of {', '.join(s + '...' for s in SOURCE_SCHEMES)} "
                          "or a .json/.jsonl file")
+
+
+class ProbeConfig(Section):
+    name: str = Field(description="Probe name, used in the report.")
+    source: str = Field(description="`general:chat` | `general:questions` (built-in general sets, "
+                        "mmtune.continual.general) or a JSON/JSONL file of alpaca records.")
+    metric: Literal["loss", "contains", "exact_match"] | None = Field(
+        None, description="`loss`: mean next-token loss of the reference answers (nats/token, lower is better). "
+        "`contains`: the greedy answer contains the record's `key`. `exact_match`. Default: loss for "
+        "general:chat, contains for general:questions, exact_match for files.")
+    size: int | None = Field(None, gt=0, description="Use at most this many records.")
 
 
 class StrategyConfig(Section):
@@ -100,6 +114,9 @@ class ContinualConfig(Section):
         "given at test (masked heads / per-task adapters). `domain`: same label space, the input distribution "
         "changes (e.g. permuted pixels); no task id at test.")
     tasks: list[TaskConfig] = Field(min_length=1, description="The tasks, in training order.")
+    probes: list[ProbeConfig] = Field(default_factory=list, description="Text benchmark: sets evaluated before "
+                                      "and after every task but never trained on (general ability), reported "
+                                      "as a matrix P beside R.")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How to learn without forgetting.")
     digits_net: DigitsNetConfig = Field(default_factory=DigitsNetConfig, description="Classifier of the digits "
                                         "benchmark.")

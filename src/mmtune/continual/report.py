@@ -128,6 +128,32 @@ def markdown(result: dict) -> str:
     for i, row in enumerate(R):
         cells = [f"**{x:.3f}**" if j == i else f"{x:.3f}" for j, x in enumerate(row)]
         lines.append(f"| after {i + 1} | " + " | ".join(cells) + " |")
+    Rs, ms = result.get("R_seen") or [], result.get("metrics_seen")
+    if Rs and ms:
+        lines += ["", "## Training items (memorisation)", "",
+                  "The same, scored on training items of each task (`seen_eval_size`): what was memorised. "
+                  "The matrix above is on held-out items.", "",
+                  "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines.append("| before | " + " | ".join(f"{x:.3f}" for x in result["b_seen"]) + " |")
+        for i, row in enumerate(Rs):
+            cells = [f"**{x:.3f}**" if j == i else f"{x:.3f}" for j, x in enumerate(row)]
+            lines.append(f"| after {i + 1} | " + " | ".join(cells) + " |")
+        lines += ["", f"ACC {_fmt(ms['acc'])}, forgetting (max-based) {_fmt(ms['forgetting'])}, plasticity "
+                  f"{_fmt(ms['plasticity'])} on training items."]
+    probes, P = result.get("probes") or [], result.get("P") or []
+    if probes and P:
+        lines += ["", "## Probes (evaluated, never trained)", "",
+                  "General ability before training and after each task; `loss` in nats per token (lower is "
+                  "better), the others in [0, 1].", "",
+                  "| | " + " | ".join(probes) + " |", "|---|" + "---|" * len(probes)]
+        for i, row in enumerate(P):
+            lines.append(f"| {'before' if i == 0 else f'after {i}'} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+        change = []
+        for k, name in enumerate(probes):
+            first, last = P[0][k], P[-1][k]
+            rel = f" ({(last - first) / first:+.1%})" if "(loss)" in name and first else ""
+            change.append(f"{last - first:+.3f}{rel}")
+        lines.append("| change | " + " | ".join(change) + " |")
     lines += ["", "## Metrics", "", "| metric | value | definition |", "|---|---|---|"]
     for key, label, definition in METRIC_ROWS:
         lines.append(f"| {label} | {_fmt(m[key])} | `{definition}` |")
@@ -175,6 +201,6 @@ def write_report(out_dir: str | Path, result: dict) -> dict[str, str]:
     plot_curves(result, paths["curves"])
     paths["markdown"].write_text(markdown(result), encoding="utf-8")
     keys = ("tasks", "strategy", "benchmark", "scenario", "b", "R", "metrics", "steps", "metric_names",
-            "strategy_state", "curves", "eval_overlap")
+            "strategy_state", "curves", "eval_overlap", "probes", "P", "R_seen", "b_seen", "metrics_seen")
     paths["json"].write_text(json.dumps({k: result.get(k) for k in keys}, indent=1, default=str), encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}

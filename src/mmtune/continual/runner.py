@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,13 +62,17 @@ def _fingerprint(recipe) -> dict:
     return data
 
 
-def evaluate_all(bench: Benchmark, strategy: Strategy, model, batch_size: int) -> list[float]:
-    """Every task's metric for ``model`` now, each task evaluated through the strategy's routing."""
+def evaluate_all(bench: Benchmark, strategy: Strategy, model, batch_size: int, seen: bool = False) -> list[float]:
+    """Every task's metric for ``model`` now, each task evaluated through the strategy's routing.
+    ``seen``: on the training items of tasks that give ``seen_eval_size`` (others: skipped, [])."""
+    if seen and not all(t.seen for t in bench.tasks):
+        return []
     accs = []
     with isolated_rng(0):
         for task in bench.tasks:
             with strategy.route(model, task.info):
-                accs.append(float(bench.evaluate(model, task, batch_size)))
+                target = replace(task, eval=task.seen) if seen else task
+                accs.append(float(bench.evaluate(model, target, batch_size)))
     return accs
 
 
@@ -237,7 +242,9 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
 
     if progress["b"] is None:
         progress["b"] = _eval()
-        log("before training: " + _fmt(bench.tasks, progress["b"]))
+        progress["P"] = [bench.evaluate_probes(model)]
+        progress["seen_b"] = evaluate_all(bench, strategy, model, cc.eval_batch_size, seen=True)
+        log("before training: " + _fmt(bench.tasks, progress["b"]) + _fmt_probes(bench, progress["P"][-1]))
     for t in range(len(progress["R"]), T):
         if stop_after is not None and t >= stop_after:
             break
@@ -256,12 +263,14 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         strategy.after_task(model, task.info, task.train)
         row = _eval()
         progress["R"].append(row)
+        progress.setdefault("P", []).append(bench.evaluate_probes(model))
+        progress.setdefault("R_seen", []).append(evaluate_all(bench, strategy, model, cc.eval_batch_size, seen=True))
         progress["losses"].append(res["losses"])
         progress["steps"].append(res["steps"])
         progress["trained"] = sorted(trained)
         save_state(cdir, model, trained, strategy, progress, fingerprint)
         log(f"task {t + 1}/{T} '{task.info.name}': {res['steps']} steps, final loss {res['final_loss']:.4f}; "
-            + _fmt(bench.tasks, row))
+            + _fmt(bench.tasks, row) + _fmt_probes(bench, progress["P"][-1]))
 
     finished = len(progress["R"]) == T
     result = {"tasks": [t.info.name for t in bench.tasks], "strategy": cc.strategy.name, "scenario": cc.scenario,
@@ -269,6 +278,8 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
               "losses": progress["losses"], "steps": progress["steps"], "curves": progress["curves"],
               "metric_names": [t.metric for t in bench.tasks], "output_dir": str(out),
               "eval_overlap": [t.eval_overlap for t in bench.tasks],
+              "probes": bench.probe_names(), "P": progress.get("P", []),
+              "R_seen": [r for r in progress.get("R_seen", []) if r], "b_seen": progress.get("seen_b") or None,
               "strategy_state": _strategy_summary(strategy)}
     if finished:
         from .report import write_report
@@ -276,6 +287,9 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         reference = load_reference(cc.intransigence_reference, T)
         result["metrics"] = summarize(progress["R"], progress["b"], fwt_defined=bench.fwt_defined,
                                       reference=reference, learned_threshold=cc.learned_threshold)
+        if result["R_seen"]:
+            result["metrics_seen"] = summarize(result["R_seen"], result["b_seen"], fwt_defined=bench.fwt_defined,
+                                               learned_threshold=cc.learned_threshold)
         result["report"] = write_report(out, result) if cc.report else {}
         m = result["metrics"]
         log(f"done: ACC {m['acc']:.3f}, BWT {_num(m['bwt'])}, FWT {_num(m['fwt'])}, forgetting "
@@ -303,6 +317,10 @@ def _strategy_summary(strategy: Strategy) -> dict:
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
+
+
+def _fmt_probes(bench: Benchmark, values: list[float]) -> str:
+    return "".join(f"; {n} {v:.3f}" for n, v in zip(bench.probe_names(), values))
 
 
 def _fmt(tasks: list[TaskData], accs: list[float]) -> str:
