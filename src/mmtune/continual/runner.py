@@ -11,7 +11,8 @@ Output directory layout (``train.output_dir``)::
     continual/state/         resume point, written atomically after each finished task:
                                weights.safetensors (every parameter trained so far),
                                strategy.pt (memories, Fisher, RNG states), progress.json
-                               (b, R rows, losses, curves)
+                               (b, R rows, the probe rows P, the training-item
+                               rows R_seen, losses, curves)
     continual/buffer/        on-disk rehearsal memory (``on_disk: true``)
     report.md, accuracy_matrix.png, task_curves.png, metrics.json
 
