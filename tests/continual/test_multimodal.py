@@ -30,6 +30,8 @@ def test_per_modality_adapters_and_replay_across_modalities(tmp_path):
     model = res["model"]
     assert set(model.language_model.peft_config) == {"vision", "speech"}
     assert res["finished"] and len(res["R"]) == 3 and len(res["R"][0]) == 3
+    assert res["metric_names"] == ["exact_match", "token_accuracy", "token_accuracy"]
+    assert all(0.0 <= x <= 1.0 for row in res["R"] for x in row)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     # The LM's base weights never train; encoders, projectors and both modality adapters do.
     assert not [n for n in trained if n.startswith("language_model.") and ".lora_" not in n]

@@ -37,9 +37,10 @@ class TaskConfig(Section):
     seen_eval_size: int | None = Field(None, gt=0, description="Text tasks: also score this many of the task's "
                                        "training items, a second matrix (memorisation) beside R (held-out "
                                        "generalisation). null: not scored.")
-    metric: Literal["accuracy", "exact_match"] | None = Field(
+    metric: Literal["accuracy", "exact_match", "token_accuracy"] | None = Field(
         None, description="How the task is scored. Default: accuracy (digits), exact_match (text: the stripped "
-        "greedy answer equals the reference).")
+        "greedy answer equals the reference), multimodal: exact_match for mm:vqa, token_accuracy (teacher-forced "
+        "next-token accuracy on the answer) for mm:ocr and mm:asr.")
     modalities: list[Literal["text", "image", "audio"]] | None = Field(
         None, description="Input modalities of the task (default: image for digits, text for text tasks). "
         "Checked against what the benchmark's model takes.")
