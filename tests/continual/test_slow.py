@@ -71,3 +71,42 @@ def test_text_sequence_task_lora_and_replay(tmp_path):
         assert abs(m["forgetting"]) <= 0.02
     # Replay at least halves naive's max-based forgetting.
     assert r["forgetting"] <= n["forgetting"] / 2
+
+
+def _shipped_run(tmp_path, recipe: str, strategy: str, extra=()) -> dict:
+    from mmtune.config import load_recipe
+    from mmtune.continual import run_continual
+
+    r = load_recipe(recipe, [f"train.output_dir={tmp_path / strategy}", f"continual.strategy.name={strategy}",
+                             "continual.report=false", *extra])
+    res = run_continual(r, log=lambda s: None)
+    m = res["metrics"]
+    print(f"{recipe} {strategy}: R {res['R']} b {res['b']} ACC {m['acc']:.3f} forgetting {m['forgetting']:.3f} "
+          f"plasticity {m['plasticity']:.3f}" + (f" P {res['P']}" if res.get("P") else ""))
+    return res
+
+
+@pytest.mark.slow
+def test_multimodal_sequence_naive_replay_task_lora(tmp_path):
+    """continual-multimodal (VQA -> OCR -> speech on the composed tiny model), one seed each."""
+    naive, replay, lora = (_shipped_run(tmp_path, "continual-multimodal", s) for s in ("naive", "replay", "task_lora"))
+    for res in (naive, replay, lora):
+        assert res["R"][0][0] > res["b"][0] + 0.05  # VQA is learned above the untrained model
+    # The image tasks share the vision tower and, without replay, the vision LoRA: OCR overwrites VQA.
+    assert naive["R"][1][0] < naive["R"][0][0]
+    # Replay keeps more of the first task than naive fine-tuning.
+    assert replay["metrics"]["acc"] >= naive["metrics"]["acc"]
+    assert replay["metrics"]["forgetting"] <= naive["metrics"]["forgetting"]
+
+
+@pytest.mark.slow
+def test_real_model_sequence_with_general_probes(tmp_path):
+    """continual-real on SmolLM2-135M-Instruct: naive and replay (one LoRA), task_lora (one per task)."""
+    naive = _shipped_run(tmp_path, "continual-real", "naive")
+    replay = _shipped_run(tmp_path, "continual-real", "replay")
+    lora = _shipped_run(tmp_path, "continual-real", "task_lora", ["adapter.type=none"])
+    # Per-task adapters routed by the task id forget nothing.
+    assert abs(lora["metrics"]["forgetting"]) <= 1e-9
+    assert replay["metrics"]["forgetting"] <= naive["metrics"]["forgetting"]
+    for res in (naive, replay, lora):
+        assert len(res["P"]) == 4 and res["probes"] == ["general chat (loss)", "general questions (contains)"]
