@@ -82,7 +82,7 @@ def _shipped_run(tmp_path, recipe: str, strategy: str, extra=()) -> dict:
     res = run_continual(r, log=lambda s: None)
     m = res["metrics"]
     print(f"{recipe} {strategy}: R {res['R']} b {res['b']} ACC {m['acc']:.3f} forgetting {m['forgetting']:.3f} "
-          f"plasticity {m['plasticity']:.3f}" + (f" P {res['P']}" if res.get("P") else ""))
+          f"plasticity {m['plasticity']:.3f}" + (f" P {res['P']}" if any(res.get("P") or []) else ""))
     return res
 
 
