@@ -87,6 +87,7 @@ def _shipped_run(tmp_path, recipe: str, strategy: str, extra=()) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 5.5 min on one thread
 def test_multimodal_sequence_naive_replay_task_lora(tmp_path):
     """continual-multimodal (VQA -> OCR -> speech on the composed tiny model), one seed each."""
     naive, replay, lora = (_shipped_run(tmp_path, "continual-multimodal", s) for s in ("naive", "replay", "task_lora"))
@@ -100,6 +101,7 @@ def test_multimodal_sequence_naive_replay_task_lora(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three runs on a 135M model, about 11 min on one thread
 def test_real_model_sequence_with_general_probes(tmp_path):
     """continual-real on SmolLM2-135M-Instruct: naive and replay (one LoRA), task_lora (one per task)."""
     naive = _shipped_run(tmp_path, "continual-real", "naive")
