@@ -83,7 +83,7 @@ def test_task_incremental_masks_heads(make_recipe, tmp_path):
     assert res["metrics"]["acc"] > 0.6
 
 
-@pytest.mark.parametrize("name", ["continual-digits", "continual-text"])
+@pytest.mark.parametrize("name", ["continual-digits", "continual-text", "continual-multimodal"])
 def test_shipped_recipes_load_and_name_their_command(name):
     from mmtune.config import resolve_recipe_path
 

@@ -7,6 +7,8 @@
 - metrics.py: ACC, average incremental accuracy, BWT, FWT, forgetting (two conventions)
 - buffer.py: reservoir and class-balanced rehearsal memories, in RAM or on disk
 - benchmarks.py: Split-Digits (class / task / domain incremental) and the text task sequence
+- multimodal.py: the modality-dynamic sequence (VQA -> OCR -> speech) on a composed model
+- general.py: general-ability probes (evaluated after every task, never trained)
 - report.py: Markdown report, heatmap of R, per-task curves, metrics JSON
 
 Names are imported lazily: ``mmtune.config`` imports :mod:`mmtune.continual.config` (the recipe

@@ -29,6 +29,7 @@ import random
 from collections.abc import Hashable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,6 +50,11 @@ class TaskData:
     train: list
     eval: list
     metric: str
+    #: share of the evaluation items that are also training items (1.0: the task is scored on what
+    #: it memorised, not on held-out items)
+    eval_overlap: float = 0.0
+    #: evaluation items made of training items (``seen_eval_size``): the memorisation matrix
+    seen: list | None = None
 
 
 class Benchmark(abc.ABC):
@@ -85,6 +91,19 @@ class Benchmark(abc.ABC):
     def reference_rows(self, n: int, seed: int) -> list:
         """Examples from outside the tasks (ZSCL's reference data)."""
         raise ConfigError(f"{type(self).__name__} has no reference data")
+
+    def probe_names(self) -> list[str]:
+        """Names of the probes (``continual.probes``): evaluated, never trained."""
+        return []
+
+    def evaluate_probes(self, model) -> list[float]:
+        """Every probe's value for ``model`` as it is now (:mod:`mmtune.continual.general`)."""
+        return []
+
+    def before_task(self, model, task: TaskInfo) -> None:
+        """Called after the strategy's ``before_task``: what the benchmark's model must train for
+        ``task`` besides what the strategy chose (the multimodal benchmark's encoders)."""
+        return None
 
     @property
     def lora_defaults(self) -> dict:
@@ -271,11 +290,73 @@ class TextBenchmark(Benchmark):
             ev_src = t.eval_source or (f"{t.source}-eval" if t.source.startswith("builtin:") else None)
             if ev_src is None:
                 raise ConfigError(f"continual.tasks.{i}.eval_source: required for file sources ({t.source})")
-            train = [self._encode(r.sample, tid, f"continual.tasks.{i}.source")
-                     for r in load_source(SourceConfig(path=t.source, max_records=t.train_size), seed=0)]
+            samples = [r.sample for r in load_source(SourceConfig(path=t.source, max_records=t.train_size), seed=0)]
+            train = [self._encode(x, tid, f"continual.tasks.{i}.source") for x in samples]
             ev = [self._eval_item(r.sample, tid) for r in
                   load_source(SourceConfig(path=ev_src, max_records=t.eval_size), seed=0)]
-            self.tasks.append(TaskData(TaskInfo(i, t.name, tid, None), train, ev, "exact_match"))
+            seen = {_prompt_key(x["messages"][:-1]) for x in samples}
+            overlap = sum(_prompt_key(e["prompt"]) in seen for e in ev) / max(len(ev), 1)
+            seen_items = [self._eval_item(x, tid) for x in samples[: t.seen_eval_size]] if t.seen_eval_size else None
+            self.tasks.append(TaskData(TaskInfo(i, t.name, tid, None), train, ev, "exact_match", overlap, seen_items))
+        self.probes = self._load_probes(cc)
+
+    def _load_probes(self, cc: ContinualConfig) -> list[dict]:
+        from ..config import SourceConfig
+        from ..data.formats import detect_format, normalize
+        from ..data.sources import load_source
+        from .general import PROBE_SETS, general_records
+
+        probes = []
+        for i, p in enumerate(cc.probes):
+            where = f"continual.probes.{i}"
+            if p.source.startswith("general:"):
+                if p.source not in PROBE_SETS:
+                    raise ConfigError(f"{where}.source = {p.source!r}; built-in probe sets: {', '.join(PROBE_SETS)}")
+                raw = general_records()[: p.size]
+                samples = [{**normalize(r, detect_format(r)), "key": r["key"]} for r in raw]
+                metric = p.metric or ("loss" if p.source == "general:chat" else "contains")
+            elif Path(p.source).suffix in (".json", ".jsonl"):
+                samples = [r.sample for r in load_source(SourceConfig(path=p.source, max_records=p.size), seed=0)]
+                metric = p.metric or "exact_match"
+            else:
+                raise ConfigError(f"{where}.source = {p.source!r}: use general:chat, general:questions or a "
+                                  ".json/.jsonl file")
+            if metric == "contains" and not all(s.get("key") for s in samples):
+                raise ConfigError(f"{where}: metric contains needs a `key` in every record of {p.source}")
+            rows = [self._encode(x, -1, f"{where}.source") for x in samples] if metric == "loss" else []
+            items = [{**self._eval_item(x, -1), "key": x.get("key")} for x in samples]
+            probes.append({"name": p.name, "metric": metric, "rows": rows, "items": items})
+        return probes
+
+    def probe_names(self) -> list[str]:
+        return [f"{p['name']} ({p['metric']})" for p in self.probes]
+
+    @torch.no_grad()
+    def evaluate_probes(self, model) -> list[float]:
+        from ..evaluation import greedy_answers, normalize_answer
+        from .general import key_hit
+
+        out = []
+        with eval_mode(model):
+            for p in self.probes:
+                if p["metric"] == "loss":
+                    total = count = 0.0
+                    obj = self.objective()
+                    device = next(model.parameters()).device
+                    for i in range(0, len(p["rows"]), self.cc.eval_batch_size):
+                        batch = {k: v.to(device) for k, v in self.collate(p["rows"][i:i + self.cc.eval_batch_size]).items()}
+                        res = obj(model, batch)
+                        total, count = total + float(res.loss_sum), count + float(res.count)
+                    out.append(total / max(count, 1.0))
+                    continue
+                answers = greedy_answers(model, self.tokenizer, self.template, [e["prompt"] for e in p["items"]],
+                                         self.cc.max_new_tokens, batch_size=self.cc.eval_batch_size)
+                if p["metric"] == "contains":
+                    hits = [key_hit(a, e["key"]) for a, e in zip(answers, p["items"])]
+                else:
+                    hits = [normalize_answer(a) == normalize_answer(e["answer"]) for a, e in zip(answers, p["items"])]
+                out.append(sum(hits) / max(len(hits), 1))
+        return out
 
     def _encode(self, sample: dict, tid: int, where: str) -> dict:
         if "messages" not in sample:
@@ -332,12 +413,20 @@ class TextBenchmark(Benchmark):
                 "modules_to_save": list(a.modules_to_save)}
 
 
+def _prompt_key(messages: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages)
+
+
 def build_benchmark(recipe) -> Benchmark:
     cc: ContinualConfig = recipe.continual
     if cc.benchmark == "digits":
         return DigitsBenchmark(cc)
     if cc.benchmark == "text":
         return TextBenchmark(recipe, cc)
-    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text")
+    if cc.benchmark == "multimodal":
+        from .multimodal import MultimodalBenchmark
+
+        return MultimodalBenchmark(recipe, cc)
+    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text, multimodal")
 
 

@@ -118,6 +118,21 @@ def _detach(item):
     return item
 
 
+def item_nbytes(item) -> dict[str, int]:
+    """Bytes of each field of a memory item as tensors: stored tensors at their dtype, lists of
+    integers (token ids, labels) as the int64 tensors a batch is collated into, numbers 8 bytes.
+    Strings and other fields count 0 (they are metadata, not what the strategy trains on)."""
+    out = {}
+    for k, v in (item.items() if isinstance(item, dict) else [("item", item)]):
+        if torch.is_tensor(v):
+            out[k] = v.nelement() * v.element_size()
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+            out[k] = 8 * len(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = 8
+    return out
+
+
 class ReservoirBuffer:
     """Uniform sample of everything offered so far (algorithm R).
 
@@ -164,6 +179,17 @@ class ReservoirBuffer:
 
     def items(self) -> list:
         return [self.store.get(i) for i in range(len(self.store))]
+
+    def nbytes(self) -> dict:
+        """The memory's size: ``total`` bytes, ``per_example`` (mean), and ``fields`` (bytes per
+        example of each field, e.g. DER++'s ``_logits``), counted by :func:`item_nbytes`."""
+        fields: dict[str, int] = {}
+        for i in range(len(self.store)):
+            for k, v in item_nbytes(self.store.get(i)).items():
+                fields[k] = fields.get(k, 0) + v
+        n, total = len(self.store), sum(fields.values())
+        return {"total": total, "per_example": total / n if n else 0.0,
+                "fields": {k: v / n for k, v in fields.items()} if n else {}}
 
     def sample(self, k: int, generator: random.Random | None = None) -> list:
         """``k`` items drawn uniformly without replacement (all of them if fewer are stored)."""

@@ -20,9 +20,10 @@ from ..registry import did_you_mean
 #: Task sources. ``digits:C1,C2,...`` (scikit-learn's bundled 8x8 digits of those classes),
 #: ``digits-permuted:SEED`` (all ten classes, pixels permuted by a fixed permutation drawn from
 #: SEED; SEED 0 is the identity), ``builtin:TASK`` (an instruction task of
-#: mmtune.data.builtin: add | reverse | capital), or a local JSON / JSONL file of alpaca records
+#: mmtune.data.builtin: add | reverse | capital), ``mm:TASK`` (a built-in multimodal task of the
+#: ``multimodal`` benchmark: vqa | ocr | asr), or a local JSON / JSONL file of alpaca records
 #: ({instruction, input, output}).
-SOURCE_SCHEMES = ("digits:", "digits-permuted:", "builtin:")
+SOURCE_SCHEMES = ("digits:", "digits-permuted:", "builtin:", "mm:")
 
 
 class TaskConfig(Section):
@@ -33,9 +34,13 @@ class TaskConfig(Section):
                                     "of `source` (digits test split; `builtin:TASK-eval`).")
     train_size: int | None = Field(None, gt=0, description="Use at most this many training examples.")
     eval_size: int | None = Field(None, gt=0, description="Evaluate on at most this many examples.")
-    metric: Literal["accuracy", "exact_match"] | None = Field(
+    seen_eval_size: int | None = Field(None, gt=0, description="Text tasks: also score this many of the task's "
+                                       "training items, a second matrix (memorisation) beside R (held-out "
+                                       "generalisation). null: not scored.")
+    metric: Literal["accuracy", "exact_match", "token_accuracy"] | None = Field(
         None, description="How the task is scored. Default: accuracy (digits), exact_match (text: the stripped "
-        "greedy answer equals the reference).")
+        "greedy answer equals the reference), multimodal: exact_match for mm:vqa, token_accuracy (teacher-forced "
+        "next-token accuracy on the answer) for mm:ocr and mm:asr.")
     modalities: list[Literal["text", "image", "audio"]] | None = Field(
         None, description="Input modalities of the task (default: image for digits, text for text tasks). "
         "Checked against what the benchmark's model takes.")
@@ -50,6 +55,17 @@ class TaskConfig(Section):
             return v
         raise ValueError(f"unknown source {v!r}; use one of {', '.join(s + '...' for s in SOURCE_SCHEMES)} "
                          "or a .json/.jsonl file")
+
+
+class ProbeConfig(Section):
+    name: str = Field(description="Probe name, used in the report.")
+    source: str = Field(description="`general:chat` | `general:questions` (built-in general sets, "
+                        "mmtune.continual.general) or a JSON/JSONL file of alpaca records.")
+    metric: Literal["loss", "contains", "exact_match"] | None = Field(
+        None, description="`loss`: mean next-token loss of the reference answers (nats/token, lower is better). "
+        "`contains`: the greedy answer contains the record's `key`. `exact_match`. Default: loss for "
+        "general:chat, contains for general:questions, exact_match for files.")
+    size: int | None = Field(None, gt=0, description="Use at most this many records.")
 
 
 class StrategyConfig(Section):
@@ -134,14 +150,19 @@ class DigitsNetConfig(Section):
 
 
 class ContinualConfig(Section):
-    benchmark: Literal["digits", "text"] = Field(
+    benchmark: Literal["digits", "text", "multimodal"] = Field(
         "digits", description="`digits`: Split-Digits on a small classifier (scikit-learn's bundled digits, no "
-        "download). `text`: generative instruction tasks on the recipe's language model.")
+        "download). `text`: generative instruction tasks on the recipe's language model. `multimodal`: built-in "
+        "image and speech tasks (mm:vqa, mm:ocr, mm:asr) on the recipe's LM composed with the tiny vision and audio "
+        "towers, one LoRA per modality (mmtune.continual.multimodal).")
     scenario: Literal["class", "task", "domain"] = Field(
         "class", description="`class`: one head over all classes, no task id at test. `task`: the task id is "
         "given at test (masked heads / per-task adapters). `domain`: same label space, the input distribution "
         "changes (e.g. permuted pixels); no task id at test.")
     tasks: list[TaskConfig] = Field(min_length=1, description="The tasks, in training order.")
+    probes: list[ProbeConfig] = Field(default_factory=list, description="Text benchmark: sets evaluated before "
+                                      "and after every task but never trained on (general ability), reported "
+                                      "as a matrix P beside R.")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How to learn without forgetting: "
                                      "{name, settings}, a name (`replay+lwf` composes), or a list of strategies to "
                                      "compose, each a name or {name, settings: {its own keys}}.")
@@ -162,6 +183,12 @@ class ContinualConfig(Section):
                                     "inside each task (finer per-task curves in the report; costs evaluations).")
     report: bool = Field(True, description="Write report.md, the heatmap, the curves and metrics.json at the end "
                          "(off for sweeps: the numbers are still returned and kept in continual/state).")
+    learned_threshold: float = Field(0.5, ge=0, le=1, description="A task counts as learned when its accuracy "
+                                     "right after training it, R[j][j], reaches this; the report flags runs with "
+                                     "unlearned tasks (their forgetting is not meaningful).")
+    intransigence_reference: list[float] | str | None = Field(
+        None, description="Per-task reference accuracies for the intransigence (Chaudhry et al. 2018): one value "
+        "per task, or the metrics.json of a `joint` run of the same tasks (its diagonal). null: n/a.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else CPU.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch during the run "
                                       "(`torch.set_num_threads`); tiny models run fastest on 1, especially on a "
@@ -185,8 +212,11 @@ class ContinualConfig(Section):
                 src = getattr(t, field)
                 if src is None:
                     continue
-                digits = src.startswith(("digits:", "digits-permuted:"))
-                if digits != (self.benchmark == "digits"):
+                kind = ("digits" if src.startswith(("digits:", "digits-permuted:")) else
+                        "multimodal" if src.startswith("mm:") else "text")
+                if kind != self.benchmark:
+                    expected = {"digits": "digits:... sources", "multimodal": "mm:vqa | mm:ocr | mm:asr",
+                                "text": "builtin:TASK or a file"}[self.benchmark]
                     raise ValueError(f"tasks.{i}.{field} = {src!r} does not fit benchmark '{self.benchmark}' "
-                                     f"({'digits:... sources' if self.benchmark == 'digits' else 'builtin:TASK or a file'})")
+                                     f"({expected})")
         return self

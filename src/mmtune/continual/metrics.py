@@ -22,6 +22,18 @@ training tasks 1..i, and ``b[j]`` the accuracy on task j before any training. He
   ``forgetting`` whenever a task's accuracy rose after it was learned; the two keep distinct
   names so results are not compared across conventions by mistake.
 
+Forgetting is only meaningful for tasks that were learned: a task never learned cannot be
+forgotten, so a strategy that learns nothing scores a low forgetting (issue 17: L2P and O-LoRA on
+class-incremental digits). Read it beside
+
+- ``plasticity``: mean_j R[j][j], the accuracy on each task right after learning it ("learning
+  accuracy", Riemer et al. 2019 "MER" sec. 5; the a_{k,k} of Chaudhry et al. 2018 sec. 4);
+- ``intransigence``: mean_j (a*_j - R[j][j]) (Chaudhry et al. 2018, "Riemannian Walk", eq. 10):
+  the gap to a reference a* that learned task j with all data up to j (a ``joint`` run's
+  diagonal); ``None`` without a reference;
+- ``unlearned_tasks``: the tasks with R[j][j] below ``learned_threshold`` (default 0.5); when any
+  is listed the report flags the run ("never learned": its forgetting is not meaningful).
+
 Undefined values are ``None`` (JSON ``null``, "n/a" in reports):
 
 - with one task, BWT, FWT and both forgettings (averages over zero tasks);
@@ -33,7 +45,9 @@ Undefined values are ``None`` (JSON ``null``, "n/a" in reports):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -98,10 +112,40 @@ def avalanche_forgetting(R) -> float | None:
     return float(np.mean(f)) if f else None
 
 
-def summarize(R, b: Sequence[float] | None = None, *, fwt_defined: bool = True) -> dict:
-    """Every metric of this module for accuracy matrix ``R`` (T, T) and baseline ``b`` (T,)."""
+def plasticity(R) -> float:
+    """mean_j R[j][j]: how well each task was learned when it was trained."""
+    R = _matrix(R)
+    return float(np.mean(np.diag(R)))
+
+
+def intransigence(R, reference: Sequence[float] | None) -> float | None:
+    """Chaudhry 2018 eq. 10: mean_j (reference_j - R[j][j]); None without a reference."""
+    R = _matrix(R)
+    if reference is None:
+        return None
+    ref = np.asarray(reference, dtype=float)
+    if ref.shape != (R.shape[0],):
+        raise ValueError(f"the intransigence reference must have one accuracy per task ({R.shape[0]}), "
+                         f"got shape {ref.shape}")
+    return float(np.mean(ref - np.diag(R)))
+
+
+def unlearned_tasks(R, threshold: float = 0.5) -> list[int]:
+    """0-based indices j with R[j][j] < ``threshold``: tasks the run never learned."""
+    return [j for j, x in enumerate(np.diag(_matrix(R))) if x < threshold]
+
+
+def summarize(R, b: Sequence[float] | None = None, *, fwt_defined: bool = True,
+              reference: Sequence[float] | None = None, learned_threshold: float = 0.5) -> dict:
+    """Every metric of this module for accuracy matrix ``R`` (T, T), baseline ``b`` (T,) and the
+    intransigence ``reference`` (T,), e.g. a joint run's diagonal."""
     R = _matrix(R)
     return {
+        "plasticity": plasticity(R),
+        "intransigence": intransigence(R, reference),
+        "diagonal": [float(x) for x in np.diag(R)],
+        "unlearned_tasks": unlearned_tasks(R, learned_threshold),
+        "learned_threshold": float(learned_threshold),
         "acc": average_accuracy(R),
         "avg_incremental_acc": average_incremental_accuracy(R),
         "bwt": backward_transfer(R),
@@ -112,3 +156,28 @@ def summarize(R, b: Sequence[float] | None = None, *, fwt_defined: bool = True) 
         "avalanche_forgetting_per_task": avalanche_forgetting_per_task(R),
         "final_acc_per_task": [float(x) for x in R[-1]],
     }
+
+
+def load_reference(spec: Sequence[float] | str | None, n_tasks: int, where: str = "continual.intransigence_reference"
+                   ) -> list[float] | None:
+    """The intransigence reference: a list of per-task accuracies, or the ``metrics.json`` of a run
+    of the same tasks (typically ``joint``), whose diagonal R[j][j] is taken."""
+    from ..errors import ConfigError
+
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"{where} = {spec!r}: no such file; give the metrics.json of a joint run "
+                              "or a list of per-task accuracies")
+        data = json.loads(path.read_text())
+        R = data.get("R")
+        if not R:
+            raise ConfigError(f"{where} = {spec!r}: the file has no accuracy matrix R (a continual metrics.json?)")
+        values = [float(R[j][j]) for j in range(len(R))]
+    else:
+        values = [float(x) for x in spec]
+    if len(values) != n_tasks:
+        raise ConfigError(f"{where}: {len(values)} accuracies for {n_tasks} tasks; give one per task")
+    return values

@@ -24,6 +24,8 @@ METRIC_ROWS = (
     ("fwt", "Forward transfer (FWT)", "1/(T-1) sum_{j>=2} R[j-1][j] - b_j"),
     ("forgetting", "Forgetting, max-based (Chaudhry 2018)", "mean_{j<T} max_{j<=l<T} R[l][j] - R[T][j]"),
     ("avalanche_forgetting", "Forgetting, Avalanche (drop since learned)", "mean_{j<T} R[j][j] - R[T][j]"),
+    ("plasticity", "Plasticity (accuracy when learned)", "mean_j R[j][j]"),
+    ("intransigence", "Intransigence (Chaudhry 2018)", "mean_j a*_j - R[j][j], a* = reference (joint) run"),
 )
 
 
@@ -108,6 +110,17 @@ def markdown(result: dict) -> str:
     tasks, R, b, m = result["tasks"], result["R"], result["b"], result["metrics"]
     lines = [f"# Continual learning report: {result['strategy']} on {result['benchmark']} "
              f"({result['scenario']}-incremental, {len(tasks)} tasks)", ""]
+    unlearned = m.get("unlearned_tasks") or []
+    if unlearned:
+        names = ", ".join(f"{tasks[j]} ({R[j][j]:.3f})" for j in unlearned)
+        lines += [f"> **Never learned**: R[j][j] < {m['learned_threshold']:g} for {names}. A task that was never "
+                  "learned cannot be forgotten, so this run's forgetting is not meaningful; read the plasticity.", ""]
+    overlap = result.get("eval_overlap") or []
+    seen = [f"{tasks[j]} ({x:.0%})" for j, x in enumerate(overlap) if x > 0]
+    if seen:
+        lines += [f"> **Scored on training items**: {', '.join(seen)} of the evaluation items are also training "
+                  "items, so those columns measure memorisation, not generalisation; give held-out "
+                  "`eval_source`s.", ""]
     lines += ["## Accuracy matrix", "",
               "Row *after i*: metric on every task after training tasks 1..i; *before*: the untrained model (b).", "",
               "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -115,24 +128,61 @@ def markdown(result: dict) -> str:
     for i, row in enumerate(R):
         cells = [f"**{x:.3f}**" if j == i else f"{x:.3f}" for j, x in enumerate(row)]
         lines.append(f"| after {i + 1} | " + " | ".join(cells) + " |")
+    Rs, ms = result.get("R_seen") or [], result.get("metrics_seen")
+    if Rs and ms:
+        lines += ["", "## Training items (memorisation)", "",
+                  "The same, scored on training items of each task (`seen_eval_size`): what was memorised. "
+                  "The matrix above is on held-out items.", "",
+                  "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines.append("| before | " + " | ".join(f"{x:.3f}" for x in result["b_seen"]) + " |")
+        for i, row in enumerate(Rs):
+            cells = [f"**{x:.3f}**" if j == i else f"{x:.3f}" for j, x in enumerate(row)]
+            lines.append(f"| after {i + 1} | " + " | ".join(cells) + " |")
+        lines += ["", f"ACC {_fmt(ms['acc'])}, forgetting (max-based) {_fmt(ms['forgetting'])}, plasticity "
+                  f"{_fmt(ms['plasticity'])} on training items."]
+    probes, P = result.get("probes") or [], result.get("P") or []
+    if probes and P:
+        lines += ["", "## Probes (evaluated, never trained)", "",
+                  "General ability before training and after each task; `loss` in nats per token (lower is "
+                  "better), the others in [0, 1].", "",
+                  "| | " + " | ".join(probes) + " |", "|---|" + "---|" * len(probes)]
+        for i, row in enumerate(P):
+            lines.append(f"| {'before' if i == 0 else f'after {i}'} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+        change = []
+        for k, name in enumerate(probes):
+            first, last = P[0][k], P[-1][k]
+            rel = f" ({(last - first) / first:+.1%})" if "(loss)" in name and first else ""
+            change.append(f"{last - first:+.3f}{rel}")
+        lines.append("| change | " + " | ".join(change) + " |")
     lines += ["", "## Metrics", "", "| metric | value | definition |", "|---|---|---|"]
     for key, label, definition in METRIC_ROWS:
         lines.append(f"| {label} | {_fmt(m[key])} | `{definition}` |")
     if len(tasks) > 1:
-        lines += ["", "| task | final | max-based forgetting | Avalanche forgetting |", "|---|---|---|---|"]
+        lines += ["", "| task | when learned R[j][j] | final | max-based forgetting | Avalanche forgetting |",
+                  "|---|---|---|---|---|"]
         for j, name in enumerate(tasks):
             f = m["forgetting_per_task"][j] if j < len(tasks) - 1 else None
             a = m["avalanche_forgetting_per_task"][j] if j < len(tasks) - 1 else None
-            lines.append(f"| {name} | {R[-1][j]:.3f} | {_fmt(f)} | {_fmt(a)} |")
+            flag = " (never learned)" if j in unlearned else ""
+            lines.append(f"| {name} | {R[j][j]:.3f}{flag} | {R[-1][j]:.3f} | {_fmt(f)} | {_fmt(a)} |")
     notes = []
     if m["fwt"] is None and len(tasks) > 1:
         notes.append("FWT is n/a in the class-incremental scenario: a single head never trained on a task's "
                      "classes cannot predict them, so R[j-1][j] is 0 by construction and says nothing about transfer.")
     if len(tasks) == 1:
         notes.append("BWT, FWT and forgetting are n/a with a single task.")
+    if m.get("intransigence") is None:
+        notes.append("Intransigence is n/a without a reference: set continual.intransigence_reference to the "
+                     "metrics.json of a `joint` run of the same tasks.")
     state = result.get("strategy_state") or {}
     if state.get("events"):
         notes.append(f"EWC guard scaled lambda {len(state['events'])} time(s); final scale {state['scale']:.3g}.")
+    if state.get("buffer", {}).get("bytes"):
+        buf, nb = state["buffer"], state["buffer"]["bytes"]
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in nb["fields"].items())
+        notes.append(f"Memory: {buf['size']} examples of {buf['seen']} seen, {nb['total']:,} bytes in all, "
+                     f"{nb['per_example']:,.0f} bytes per example ({parts}; tensors at their dtype, token ids "
+                     "as int64).")
     if "projections" in state:
         notes.append(f"A-GEM projected {state['projections']} of {state['steps']} steps.")
     if notes:
@@ -151,6 +201,6 @@ def write_report(out_dir: str | Path, result: dict) -> dict[str, str]:
     plot_curves(result, paths["curves"])
     paths["markdown"].write_text(markdown(result), encoding="utf-8")
     keys = ("tasks", "strategy", "benchmark", "scenario", "b", "R", "metrics", "steps", "metric_names",
-            "strategy_state", "curves")
+            "strategy_state", "curves", "eval_overlap", "probes", "P", "R_seen", "b_seen", "metrics_seen")
     paths["json"].write_text(json.dumps({k: result.get(k) for k in keys}, indent=1, default=str), encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}

@@ -11,7 +11,8 @@ Output directory layout (``train.output_dir``)::
     continual/state/         resume point, written atomically after each finished task:
                                weights.safetensors (every parameter trained so far),
                                strategy.pt (memories, Fisher, RNG states), progress.json
-                               (b, R rows, losses, loss terms, curves), optimizer.pt
+                               (b, R rows, the probe rows P, the training-item
+                               rows R_seen, losses, loss terms, curves), optimizer.pt
                                (keep_optimizer_state)
     continual/buffer/        on-disk rehearsal memory (``on_disk: true``)
     report.md, accuracy_matrix.png, task_curves.png, metrics.json
@@ -27,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ConfigError, MMTuneError
 from ..train.loop import Trainer, seed_everything
 from .benchmarks import Benchmark, TaskData, build_benchmark
-from .metrics import summarize
+from .metrics import load_reference, summarize
 from .optimizer_state import load_param_states, param_states
 from .strategies import STRATEGIES
 from .strategies.base import Strategy, StrategyContext, isolated_rng
@@ -64,13 +66,17 @@ def _fingerprint(recipe) -> dict:
     return data
 
 
-def evaluate_all(bench: Benchmark, strategy: Strategy, model, batch_size: int) -> list[float]:
-    """Every task's metric for ``model`` now, each task evaluated through the strategy's routing."""
+def evaluate_all(bench: Benchmark, strategy: Strategy, model, batch_size: int, seen: bool = False) -> list[float]:
+    """Every task's metric for ``model`` now, each task evaluated through the strategy's routing.
+    ``seen``: on the training items of tasks that give ``seen_eval_size`` (others: skipped, [])."""
+    if seen and not all(t.seen for t in bench.tasks):
+        return []
     accs = []
     with isolated_rng(0):
         for task in bench.tasks:
             with strategy.route(model, task.info):
-                accs.append(float(bench.evaluate(model, task, batch_size)))
+                target = replace(task, eval=task.seen) if seen else task
+                accs.append(float(bench.evaluate(model, target, batch_size)))
     return accs
 
 
@@ -178,6 +184,17 @@ def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Pat
     return strategy
 
 
+def prepare_model(bench: Benchmark, strategy: Strategy, device: torch.device, strategy_state: dict | None = None):
+    """A fresh model on ``device``, set up by the strategy. The model moves first and ``setup``
+    runs after, so whatever ``setup`` snapshots (ZSCL's pre-trained teacher, new adapters) lives on
+    the model's device (issue 17: a teacher taken before ``model.to(cuda)`` stayed on the CPU)."""
+    model = bench.build_model().to(device)
+    if strategy_state is not None:
+        strategy.load_state_dict(strategy_state)
+    model = strategy.setup(model)
+    return model.to(device)
+
+
 def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print) -> dict:
     """Run the recipe's task sequence. Returns R, b, the metrics and the report paths.
 
@@ -220,11 +237,7 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
     objective = strategy.ctx.objective
 
     seed_everything(seed)
-    model = bench.build_model()
-    if state is not None:
-        strategy.load_state_dict(state["strategy"])
-    model = strategy.setup(model)
-    model.to(device)
+    model = prepare_model(bench, strategy, device, state["strategy"] if state is not None else None)
     if state is not None:
         _load_weights(model, state["dir"] / "weights.safetensors")
         progress = state["progress"]
@@ -239,13 +252,16 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
 
     if progress["b"] is None:
         progress["b"] = _eval()
-        log("before training: " + _fmt(bench.tasks, progress["b"]))
+        progress["P"] = [bench.evaluate_probes(model)]
+        progress["seen_b"] = evaluate_all(bench, strategy, model, cc.eval_batch_size, seen=True)
+        log("before training: " + _fmt(bench.tasks, progress["b"]) + _fmt_probes(bench, progress["P"][-1]))
     for t in range(len(progress["R"]), T):
         if stop_after is not None and t >= stop_after:
             break
         task: TaskData = bench.tasks[t]
         rows = strategy.train_rows(task.info, task.train, [bench.tasks[j].train for j in range(t + 1)])
         strategy.before_task(model, task.info)
+        bench.before_task(model, task.info)
         trained |= {n for n, p in model.named_parameters() if p.requires_grad}
         cfg = recipe.train.model_copy(update={"output_dir": str(out / "tasks" / f"{t + 1:02d}-{_slug(task.info.name)}"),
                                               "seed": seed + t})
@@ -263,12 +279,14 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         strategy.after_task(model, task.info, task.train)
         row = _eval()
         progress["R"].append(row)
+        progress.setdefault("P", []).append(bench.evaluate_probes(model))
+        progress.setdefault("R_seen", []).append(evaluate_all(bench, strategy, model, cc.eval_batch_size, seen=True))
         progress["losses"].append(res["losses"])
         progress["steps"].append(res["steps"])
         progress["trained"] = sorted(trained)
         save_state(cdir, model, trained, strategy, progress, fingerprint, opt_states)
         log(f"task {t + 1}/{T} '{task.info.name}': {res['steps']} steps, final loss {res['final_loss']:.4f}; "
-            + _fmt(bench.tasks, row))
+            + _fmt(bench.tasks, row) + _fmt_probes(bench, progress["P"][-1]))
 
     finished = len(progress["R"]) == T
     result = {"tasks": [t.info.name for t in bench.tasks], "strategy": cc.strategy.label, "scenario": cc.scenario,
@@ -276,15 +294,28 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
               "losses": progress["losses"], "steps": progress["steps"], "curves": progress["curves"],
               "terms": progress.get("terms", []),
               "metric_names": [t.metric for t in bench.tasks], "output_dir": str(out),
+              "eval_overlap": [t.eval_overlap for t in bench.tasks],
+              "probes": bench.probe_names(), "P": progress.get("P", []),
+              "R_seen": [r for r in progress.get("R_seen", []) if r], "b_seen": progress.get("seen_b") or None,
               "strategy_state": _strategy_summary(strategy)}
     if finished:
         from .report import write_report
 
-        result["metrics"] = summarize(progress["R"], progress["b"], fwt_defined=bench.fwt_defined)
+        reference = load_reference(cc.intransigence_reference, T)
+        result["metrics"] = summarize(progress["R"], progress["b"], fwt_defined=bench.fwt_defined,
+                                      reference=reference, learned_threshold=cc.learned_threshold)
+        if result["R_seen"]:
+            result["metrics_seen"] = summarize(result["R_seen"], result["b_seen"], fwt_defined=bench.fwt_defined,
+                                               learned_threshold=cc.learned_threshold)
         result["report"] = write_report(out, result) if cc.report else {}
         m = result["metrics"]
         log(f"done: ACC {m['acc']:.3f}, BWT {_num(m['bwt'])}, FWT {_num(m['fwt'])}, forgetting "
-            f"{_num(m['forgetting'])}" + (f"; report {result['report']['markdown']}" if cc.report else ""))
+            f"{_num(m['forgetting'])}, plasticity {m['plasticity']:.3f}"
+            + (f"; report {result['report']['markdown']}" if cc.report else ""))
+        if m["unlearned_tasks"]:
+            log("warning: never learned (R[j][j] < continual.learned_threshold "
+                f"{cc.learned_threshold:g}): {', '.join(result['tasks'][j] for j in m['unlearned_tasks'])}; "
+                "the forgetting of this run is not meaningful")
     result["model"] = model
     return result
 
@@ -314,12 +345,16 @@ def _strategy_summary(strategy: Strategy) -> dict:
             out[key] = getattr(strategy, key)
     buf = getattr(strategy, "buffer", None)
     if buf is not None:
-        out["buffer"] = {"size": len(buf), "seen": buf.seen}
+        out["buffer"] = {"size": len(buf), "seen": buf.seen, "bytes": buf.nbytes()}
     return out
 
 
 def _num(x) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
+
+
+def _fmt_probes(bench: Benchmark, values: list[float]) -> str:
+    return "".join(f"; {n} {v:.3f}" for n, v in zip(bench.probe_names(), values))
 
 
 def _fmt(tasks: list[TaskData], accs: list[float]) -> str:

@@ -10,6 +10,10 @@
   absolute entries) that keeps the new update's subspace orthogonal to the old ones; optional
   lambda_2 L2 on the new adapter.
 
+On a composed multimodal model (:mod:`mmtune.continual.multimodal`) the benchmark builds the
+per-task adapters into the language model, and ``task_lora`` routes by pointing the modality
+router's media groups at the task's adapter (the text group keeps the base model).
+
 Adapters for every task id are created in ``setup`` (LoRA's B starts at 0, so an adapter not
 yet trained leaves the model unchanged); the model structure is then fixed for the whole run,
 and resuming only reloads weights. The LoRA settings default to the recipe's ``adapter``
@@ -68,6 +72,8 @@ class _PerTaskAdapters(Strategy):
     def setup(self, model):
         from peft import get_peft_model
 
+        if is_composed(model):
+            return self._setup_composed(model)
         if is_peft(model):
             raise ConfigError(f"strategy {self.name} builds its own adapters: set adapter.type: none in the recipe")
         ids = list(dict.fromkeys(t.task_id for t in self.ctx.tasks))
@@ -77,6 +83,18 @@ class _PerTaskAdapters(Strategy):
             model.add_adapter(adapter_name(i), self.lora_config())
         self.names = [adapter_name(i) for i in ids]
         self.activate(model, self.initially_active())
+        set_trainable(model, lambda n: False)
+        return model
+
+    def _setup_composed(self, model):
+        if self.name != "task_lora":
+            raise ConfigError(f"strategy {self.name} is not available on a composed multimodal model; use task_lora")
+        ids = list(dict.fromkeys(t.task_id for t in self.ctx.tasks))
+        self.names = [adapter_name(i) for i in ids]
+        have = set(getattr(model.language_model, "peft_config", {}))
+        missing = [n for n in self.names if n not in have]
+        if missing:
+            raise ConfigError(f"strategy task_lora: the composed model lacks the per-task adapters {missing}")
         set_trainable(model, lambda n: False)
         return model
 
@@ -111,17 +129,39 @@ class TaskLoRA(_PerTaskAdapters):
 
     def before_task(self, model, task: TaskInfo) -> None:
         super().before_task(model, task)
-        self.activate(model, [adapter_name(task.task_id)])
+        if is_composed(model):
+            route_media(model, adapter_name(task.task_id))
+        else:
+            self.activate(model, [adapter_name(task.task_id)])
         self.train_adapter(model, task)
 
     @contextmanager
     def route(self, model, task: TaskInfo):
+        if is_composed(model):
+            table = dict(model.router.table)
+            route_media(model, adapter_name(task.task_id))
+            try:
+                yield
+            finally:
+                model.router.table = table
+            return
         before = list(model.base_model.active_adapters)
         self.activate(model, [adapter_name(task.task_id)])
         try:
             yield
         finally:
             self.activate(model, before)
+
+
+def is_composed(model) -> bool:
+    """A composed multimodal model (:class:`mmtune.multimodal.model.ComposedModel`)."""
+    return hasattr(model, "router") and hasattr(model, "language_model")
+
+
+def route_media(model, adapter: str) -> None:
+    """Send every media group of a composed model through ``adapter`` (text keeps its route)."""
+    for group in ("image", "audio", "image+audio"):
+        model.router.table[group] = adapter
 
 
 @STRATEGIES.register("olora")

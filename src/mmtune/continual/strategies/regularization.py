@@ -2,21 +2,46 @@
 
 EWC (Kirkpatrick et al. 2017, eq. 3) adds (lambda/2) * sum_i F_i (theta_i - theta*_i)^2 per past
 task, with F the diagonal Fisher information at the task's final weights theta*. We estimate F
-as the empirical Fisher, the mean of squared per-example gradients of the loss on the task's
-own labels (as Avalanche's ``EWCPlugin`` does), over ``fisher_samples`` training examples.
+as the empirical Fisher: the mean over ``fisher_samples`` training examples of the squared
+per-example gradient of the loss on the task's own labels, then divided by its largest entry.
 Online EWC (Schwarz et al. 2018, "Progress & Compress", sec. 3.1) keeps one penalty:
 F <- gamma * F + F_t, anchored at the latest weights.
+
+Two conventions (``convention``), which give lambda very different units:
+
+============================  ===============================  ===================================
+                              ``mmtune`` (default)             ``avalanche`` (Avalanche 0.6
+                                                               ``EWCPlugin``, mode separate)
+============================  ===============================  ===================================
+gradient per Fisher term      one example                      the mean loss of a mini-batch of
+                              (``fisher_batch_size: 1``)       ``train.batch_size`` examples
+examples                      ``fisher_samples`` (256)         the whole task
+normalisation                 divided by the max entry         none
+penalty                       (lambda/2) sum F (theta-theta*)^2  lambda sum F (theta-theta*)^2
+============================  ===============================  ===================================
+
+Squared mini-batch gradients are much smaller than squared per-example ones (the mean of B
+gradients has about 1/B of their variance) and the max normalisation divides by a small number,
+so the same run needs a far larger lambda under Avalanche's convention: on Split-Digits
+(class-incremental, the shipped MLP) mmtune's lambda 100 is of the scale of Avalanche's ~2.3e6
+(issue 17). The two Fishers differ in shape too, not only in scale, so the results differ:
+class-incremental ACC over 5 seeds (``continual-digits``, points, mean +- sd): mmtune lambda 100:
+20.7 +- 2.2; avalanche with ``guard: false``, lambda 1e4: 19.3 +- 0.1, 1e5: 20.0 +- 1.0, 1e6:
+29.2 +- 1.3, 2.3e6: 29.5 +- 3.0, 1e7: 26.6 +- 4.7 (plasticity, mean R[j][j], falls from 98 to 85
+over that range). Each of ``fisher_batch_size``, ``fisher_samples`` and ``fisher_norm`` may still
+be set explicitly under either convention.
 
 Guard against a too large lambda (REFERENCE.md section 4: "large lambda with plain SGD
 diverges"), in three parts:
 
-1. Fisher normalisation (``fisher_norm: max``, default): each task's Fisher is divided by its
+1. Fisher normalisation (``fisher_norm: max``, the mmtune convention): each task's Fisher is divided by its
    largest entry, so F lies in [0, 1] and lambda is the stiffness of the most important weight,
    comparable across models, losses and dataset sizes (raw Fisher values span orders of
    magnitude with the loss scale). ``fisher_clamp`` caps entries further.
 2. Stiffness check before each task: the penalty is a quadratic with curvature lambda * F_i
-   along weight i, and gradient descent with step lr on a quadratic diverges when
-   lr * curvature > 2 (the classic step-size bound). ``lambda * lr * max_i F_i`` above
+   along weight i (2 lambda F_i under the Avalanche convention, which has no 1/2), and gradient
+   descent with step lr on a quadratic diverges when lr * curvature > 2 (the classic step-size
+   bound). The stiffness ``lr * max_i curvature_i`` above
    ``max_stiffness`` (default 2) is a blow-up before any step is taken. (AdamW does not
    diverge there but oscillates around theta* and stops learning the new task: the same
    silent failure.)
@@ -25,8 +50,12 @@ diverges"), in three parts:
    above ``blowup_factor`` times the task loss of the task's first batch, or a non-finite one,
    is a blow-up (this also covers ``fisher_norm: none`` and ``max_stiffness: null``).
 
+``guard: false`` turns both checks off explicitly (Avalanche has neither): the penalty is used as
+given, however stiff. Needed to reproduce Avalanche's results with its large lambdas, whose
+stiffness under AdamW is far above 2 without diverging.
+
 On a blow-up, ``on_blowup: error`` (default) stops with a message naming the setting and a value
-to try; ``on_blowup: scale`` lowers the effective lambda -- to stiffness 1 (lr * lambda * max F
+to try; ``on_blowup: scale`` lowers the effective lambda -- to stiffness 1 (lr * max curvature
 = 1, the critically damped step) for the check before the task, or so that the penalty equals
 the task's initial loss during training -- logs it and goes on. The scale is kept for later
 tasks and reported (``strategy_state.scale`` / ``events``).
@@ -53,20 +82,30 @@ from .base import (
 
 
 class EWCSettings(StrategySettings):
-    lambda_: float = Field(100.0, alias="lambda", ge=0, description="Penalty strength lambda in (lambda/2) sum_i "
-                           "F_i (theta_i - theta*_i)^2, with F normalised to a maximum of 1 (fisher_norm: max). "
-                           "100 is the best of 100 / 300 / 1000 / 10^4 / 10^5 on permuted Split-Digits.")
-    fisher_samples: int = Field(256, gt=0, description="Training examples of the task used to estimate its Fisher.")
-    fisher_batch_size: int = Field(1, gt=0, description="Examples per gradient in the estimate. 1 gives the "
-                                   "per-example empirical Fisher; larger is faster but underestimates it.")
-    fisher_norm: Literal["max", "none"] = Field("max", description="`max`: divide each task's Fisher by its "
-                                                "largest entry (lambda then means the same on any model). "
-                                                "`none`: raw squared gradients.")
+    lambda_: float = Field(100.0, alias="lambda", ge=0, description="Penalty strength lambda: (lambda/2) sum_i "
+                           "F_i (theta_i - theta*_i)^2 with F normalised to a maximum of 1 (convention mmtune; 100 "
+                           "is the best of 100 / 300 / 1000 / 10^4 / 10^5 on permuted Split-Digits), or lambda sum_i "
+                           "F_i (theta_i - theta*_i)^2 with the raw mini-batch Fisher (convention avalanche).")
+    convention: Literal["mmtune", "avalanche"] = Field(
+        "mmtune", description="`mmtune`: per-example empirical Fisher on fisher_samples examples, max-normalised, "
+        "penalty (lambda/2) sum F d^2. `avalanche`: as Avalanche's EWCPlugin: squared gradients of mini-batch "
+        "mean losses (train.batch_size) over the whole task, not normalised, penalty lambda sum F d^2 (its lambda "
+        "is ~2.3e4 times mmtune's on Split-Digits).")
+    fisher_samples: int | None = Field(None, gt=0, description="Training examples of the task used to estimate "
+                                       "its Fisher (default: 256 under mmtune, all under avalanche).")
+    fisher_batch_size: int | None = Field(None, gt=0, description="Examples per gradient in the estimate (default: "
+                                          "1 under mmtune, the per-example empirical Fisher; train.batch_size under "
+                                          "avalanche). Larger is faster but underestimates the per-example Fisher.")
+    fisher_norm: Literal["max", "none"] | None = Field(
+        None, description="`max`: divide each task's Fisher by its largest entry (lambda then means the same on any "
+        "model). `none`: raw squared gradients. Default: max under mmtune, none under avalanche.")
     fisher_clamp: float | None = Field(None, gt=0, description="Cap Fisher entries at this value (after "
                                        "normalisation).")
-    max_stiffness: float | None = Field(2.0, gt=0, description="Largest lambda x train.lr x max Fisher allowed "
-                                        "before a task (gradient descent on the penalty diverges above 2); null "
-                                        "disables the check.")
+    guard: bool = Field(True, description="Check the stiffness before each task and watch for a blow-up while "
+                        "training (below). false turns both off explicitly, as in Avalanche.")
+    max_stiffness: float | None = Field(2.0, gt=0, description="Largest train.lr x max penalty curvature (lambda x "
+                                        "max Fisher; 2x that under avalanche) allowed before a task (gradient "
+                                        "descent on the penalty diverges above 2); null disables the check.")
     on_blowup: Literal["error", "scale"] = Field("error", description="When the penalty exceeds blowup_factor x "
                                                  "the task's initial loss: stop with an error naming lambda, or "
                                                  "scale lambda down automatically and continue.")
@@ -94,6 +133,24 @@ class EWC(Strategy):
         self.events: list[dict] = []
         self._initial_loss: float | None = None
 
+    # ---------------------------------------------------------------- the convention's defaults
+    @property
+    def avalanche(self) -> bool:
+        return self.settings.convention == "avalanche"
+
+    @property
+    def penalty_factor(self) -> float:
+        """The factor in front of lambda: 1/2 (Kirkpatrick eq. 3) or 1 (Avalanche)."""
+        return 1.0 if self.avalanche else 0.5
+
+    def fisher_plan(self, n_rows: int) -> tuple[int, int, str]:
+        """(examples, examples per gradient, normalisation) of the Fisher estimate for ``n_rows``."""
+        s = self.settings
+        samples = s.fisher_samples or (n_rows if self.avalanche else 256)
+        batch = s.fisher_batch_size or (self.ctx.batch_size if self.avalanche else 1)
+        norm = s.fisher_norm or ("none" if self.avalanche else "max")
+        return min(samples, n_rows), batch, norm
+
     def before_task(self, model, task: TaskInfo) -> None:
         super().before_task(model, task)
         self._initial_loss = None
@@ -102,7 +159,7 @@ class EWC(Strategy):
 
     def _check_stiffness(self) -> None:
         s = self.settings
-        if not self.penalties or s.max_stiffness is None:
+        if not self.penalties or s.max_stiffness is None or not s.guard:
             return
         total: dict[str, torch.Tensor] = {}
         for fisher, _ in self.penalties:
@@ -110,7 +167,7 @@ class EWC(Strategy):
                 total[n] = total[n] + f if n in total else f
         f_max = max((float(f.max()) for f in total.values()), default=0.0)
         lam = s.lambda_ * self.scale
-        stiffness = lam * self.ctx.lr * f_max
+        stiffness = 2 * self.penalty_factor * lam * self.ctx.lr * f_max  # lr x curvature of the quadratic
         if stiffness <= s.max_stiffness:
             return
         if s.on_blowup == "error":
@@ -118,8 +175,9 @@ class EWC(Strategy):
                 f"{self.name}: lambda={lam:g} is too large for train.lr={self.ctx.lr:g} before task '{self.task.name}': "
                 f"lambda x lr x max Fisher = {stiffness:.3g} > max_stiffness {s.max_stiffness:g} (gradient descent on "
                 f"the penalty diverges above 2; AdamW stops learning the task). Lower "
-                f"continual.strategy.settings.{self.name}.lambda to at most {s.max_stiffness / (self.ctx.lr * f_max):.4g}, "
-                f"or set continual.strategy.settings.{self.name}.on_blowup: scale")
+                f"continual.strategy.settings.{self.name}.lambda to at most "
+                f"{s.max_stiffness / (2 * self.penalty_factor * self.ctx.lr * f_max):.4g}, "
+                f"or set continual.strategy.settings.{self.name}.on_blowup: scale (or guard: false to keep it)")
         factor = 1.0 / stiffness
         self._rescale(factor, {"task": self.task.name, "stiffness": stiffness})
 
@@ -142,7 +200,9 @@ class EWC(Strategy):
         if pen is None:
             return {}
         lam = self.settings.lambda_ * self.scale
-        term = 0.5 * lam * pen
+        term = self.penalty_factor * lam * pen
+        if not self.settings.guard:
+            return {"ewc": term}
         task_loss = float(outputs.loss_sum.detach()) / max(float(outputs.count), 1.0)
         if self._initial_loss is None:
             self._initial_loss = max(task_loss, 1e-3)
@@ -180,19 +240,23 @@ class EWC(Strategy):
         params = trainable_params(model)
         names, tensors = list(params), list(params.values())
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        k = min(s.fisher_samples, len(rows))
+        k, bs, norm = self.fisher_plan(len(rows))
         idx = self.rng.sample(range(len(rows)), k)
+        # mmtune: each chunk's squared gradient weighs len(chunk) / k (with bs = 1 the mean of the
+        # squared per-example gradients). Avalanche: the plain mean over the mini-batches, a short
+        # last batch weighing as much as a full one (EWCPlugin.compute_importances).
+        n_batches = -(-k // bs)
         with eval_mode(model), isolated_rng(self.draw_seed()):
-            for i in range(0, k, s.fisher_batch_size):
-                chunk = [rows[j] for j in idx[i:i + s.fisher_batch_size]]
+            for i in range(0, k, bs):
+                chunk = [rows[j] for j in idx[i:i + bs]]
                 loss, _ = self.mean_loss(model, chunk)
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                 for n, g in zip(names, grads):
                     if g is not None:
-                        fisher[n] += g.detach().float() ** 2 * len(chunk)
+                        fisher[n] += g.detach().float() ** 2 * (1.0 if self.avalanche else len(chunk))
         for f in fisher.values():
-            f /= max(k, 1)
-        if s.fisher_norm == "max":
+            f /= max(n_batches if self.avalanche else k, 1)
+        if norm == "max":
             top = max((float(f.max()) for f in fisher.values()), default=0.0)
             if top > 0:
                 for f in fisher.values():

@@ -11,6 +11,12 @@ in a seeded random order.
   logits the model gave each example; a memory batch adds alpha * MSE(logits, stored logits)
   and a second one beta * cross-entropy. Logits are recorded with the model at the end of the
   example's task (the original records them during training, when they are less trained).
+  A language model's logits are one vocabulary-sized row per supervised token (152k floats =
+  608 KB per token at fp32 for Qwen2), so only the ``logits_top_k`` largest of each row are kept
+  (values and unit indices) and the MSE is taken over those units (the rest are far below them
+  and carry little of the distribution); with ``logits_dtype: float16`` the values take half the
+  bytes. A classifier with at most ``logits_top_k`` outputs (digits: 10) keeps every logit, the
+  original DER++. The report states the memory in bytes per example.
 - ``agem``: Averaged GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM", eq.
   11): in ``after_backward``, if the step's gradient g conflicts with the gradient g_ref of a
   memory batch (g . g_ref < 0), g is projected to g - (g . g_ref / g_ref . g_ref) g_ref.
@@ -46,6 +52,11 @@ class ReplaySettings(MemorySettings):
 class DERSettings(MemorySettings):
     alpha: float = Field(0.3, ge=0, description="Weight of the logit-matching MSE (Buzzega et al. 2020).")
     beta: float = Field(0.5, ge=0, description="Weight of the cross-entropy on a second memory batch.")
+    logits_top_k: int | None = Field(64, gt=0, description="Keep the k largest logits of each supervised item "
+                                     "(and their indices); the MSE is over those. Outputs with at most k units "
+                                     "are kept whole. null: keep every logit (a full vocabulary row per token).")
+    logits_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Precision of the stored logit values (float16 halves the memory).")
 
 
 class AGEMSettings(MemorySettings):
@@ -108,6 +119,16 @@ class DERpp(_Memory):
     name = "derpp"
     Settings = DERSettings
 
+    def stored_logits(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The fields kept for logits (N, C): ``_logits`` (N, k) values, and ``_logit_idx`` (N, k)
+        int32 unit indices when only the top k of C > k units are kept."""
+        s = self.settings
+        dtype = getattr(torch, s.logits_dtype)
+        if s.logits_top_k is None or logits.shape[-1] <= s.logits_top_k:
+            return {"_logits": logits.to(dtype).cpu()}
+        top = logits.topk(s.logits_top_k, dim=-1)  # (N, k) each
+        return {"_logits": top.values.to(dtype).cpu(), "_logit_idx": top.indices.to(torch.int32).cpu()}
+
     def on_inserted(self, model, slots: list[int]) -> None:
         chunk = 256
         with torch.no_grad(), eval_mode(model), isolated_rng(self.draw_seed()):
@@ -117,7 +138,8 @@ class DERpp(_Memory):
                 batch = self.to_device(self.ctx.collate(items))
                 logits = self.ctx.objective(model, batch).outputs.logits  # (N, C)
                 for j, item, lg in zip(part, items, logits.split(row_counts(batch))):
-                    self.buffer.update(j, {**item, "_logits": lg.float().cpu()})
+                    clean = {k: v for k, v in item.items() if k not in ("_logits", "_logit_idx")}
+                    self.buffer.update(j, {**clean, **self.stored_logits(lg.float())})
 
     def loss_terms(self, batch, outputs) -> dict[str, torch.Tensor]:
         if len(self.buffer) == 0:
@@ -126,8 +148,12 @@ class DERpp(_Memory):
         with isolated_rng(self.draw_seed()):
             items = self.sample()
             _, out = self.mean_loss(self.model, items)
-            target = torch.cat([it["_logits"] for it in items]).to(out.outputs.logits.device)  # (N, C)
-            mse = F.mse_loss(out.outputs.logits.float(), target)
+            logits = out.outputs.logits.float()  # (N, C)
+            target = torch.cat([it["_logits"] for it in items]).to(logits.device).float()  # (N, k)
+            if "_logit_idx" in items[0]:
+                idx = torch.cat([it["_logit_idx"] for it in items]).to(logits.device).long()  # (N, k)
+                logits = logits.gather(1, idx)  # (N, k): the stored units only
+            mse = F.mse_loss(logits, target)
             ce, _ = self.mean_loss(self.model, self.sample())
         return {"der_logits": s.alpha * mse, "der_ce": s.beta * ce}
 
