@@ -150,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .config import load_recipe
         from .distributed import launch
+        from .train.run import refuse_distributed
+
+        refuse_distributed(load_recipe(args.recipe, args.overrides), args.nproc)  # before starting N processes
 
         argv = ["train", args.recipe, *args.overrides]
         if args.resume:

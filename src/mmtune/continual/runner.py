@@ -170,11 +170,12 @@ def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Pat
     return strategy
 
 
-def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print) -> dict:
+def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print, stop_flag=None) -> dict:
     """Run the recipe's task sequence. Returns R, b, the metrics and the report paths.
 
     ``stop_after``: stop once this many tasks are finished (the state is saved; ``resume``
-    continues the run). The report is written when the last task is done.
+    continues the run). ``stop_flag`` (polled after every optimizer step) ends the run inside a
+    task, which ``resume`` then redoes. The report is written when the last task is done.
     """
     cc = recipe.continual
     if cc is None:
@@ -183,12 +184,12 @@ def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None
     if cc.torch_threads:
         torch.set_num_threads(cc.torch_threads)
     try:
-        return _run(recipe, cc, resume, stop_after, log)
+        return _run(recipe, cc, resume, stop_after, log, stop_flag)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
+def _run(recipe, cc, resume: bool, stop_after: int | None, log, stop_flag=None) -> dict:
     out = Path(recipe.train.output_dir)
     cdir = out / "continual"
     fingerprint = _fingerprint(recipe)
@@ -244,7 +245,10 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         if cc.curve_every:
             plugins.append(CurvePlugin(_eval, cc.curve_every, t, progress["curves"]))
         res = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device,
-                      optimizer_groups=strategy.optimizer_groups(model)).fit()
+                      optimizer_groups=strategy.optimizer_groups(model), stop_flag=stop_flag).fit()
+        if res.get("stopped"):
+            log(f"stopped in task {t + 1}/{T} '{task.info.name}'; --resume redoes it")
+            break
         strategy.after_task(model, task.info, task.train)
         row = _eval()
         progress["R"].append(row)

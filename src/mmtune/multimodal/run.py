@@ -194,6 +194,48 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
     return {"stages": results, "final_dir": str(final), "model": model, "stopped": False}
 
 
+def evaluate_stages(recipe: Recipe, model: ComposedModel, template, batch_size: int = 8) -> dict:
+    """``eval_loss/STAGE`` (mean loss per supervised token on the stage's ``eval_sources``) for
+    every stage that has them, and ``eval_loss`` over all of them."""
+    import torch
+
+    from .data import MediaCache
+    from .objective import MultimodalObjective
+
+    objective, cache, out = MultimodalObjective(), MediaCache(model), {}
+    total = count = 0.0
+    model.eval()
+    device = next(model.parameters()).device
+    for stage in recipe.multimodal.stages:
+        if not stage.eval_sources:
+            continue
+        evals, _, collate, _ = build_stage_data(recipe, stage.model_copy(update={"sources": stage.eval_sources}),
+                                                model, template, cache, log=lambda *_: None)
+        s = n = 0.0
+        with torch.no_grad():
+            for i in range(0, len(evals), batch_size):
+                batch = _to(collate(evals[i:i + batch_size]), device)
+                res = objective(model, batch)
+                s, n = s + float(res.loss_sum), n + float(res.count)
+        out[f"eval_loss/{stage.name}"] = s / max(n, 1.0)
+        total, count = total + s, count + n
+    if count:
+        out["eval_loss"] = total / count
+    return out
+
+
+def _to(batch, device):
+    import torch
+
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
 def _drop_untrained(rows, model: ComposedModel, plan) -> tuple[list, dict]:
     kept, skipped = [], {}
     for r in rows:

@@ -64,14 +64,11 @@ class TrainJob:
     """
 
     def __init__(self, recipe, resume: bool = False, overwrite: bool = False, source: str = "", log_lines: int = 400):
-        from ..train.run import is_encoder_objective
-
         self.recipe = recipe
         self.recipe.train.progress = False
         self.resume, self.overwrite, self.source = resume, overwrite, source or "recipe"
         self.output_dir = Path(recipe.train.output_dir)
-        # Encoder objectives train through mmtune.encoders.run, which takes no stop flag.
-        self.can_stop = not is_encoder_objective(recipe.objective)
+        self.can_stop = True  # every workflow's loop polls the stop flag after each optimizer step
         self.lines: deque[str] = deque(maxlen=log_lines)
         self.state = "running"
         self.error: str | None = None

@@ -102,6 +102,26 @@ class DPOObjective(Objective):
     """Pairs in, DPO/IPO loss out. ``count`` is the number of pairs."""
 
     name = "dpo"
+    data = "pairs"
+
+    @classmethod
+    def from_recipe(cls, recipe, model=None, rows=(), collate=None, log=print, eval_rows=()) -> DPOObjective:
+        """DPO against the frozen starting model: the base with adapters disabled for LoRA, a frozen
+        copy for full fine-tuning; reference log-probs optionally precomputed once (for the training
+        and the eval pairs, after which the frozen copy is released)."""
+        import copy
+
+        ref_model = None
+        if recipe.adapter.type == "none":
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            log("dpo: full fine-tuning, reference = a frozen copy of the starting model")
+        cfg = recipe.dpo
+        if cfg.precompute_ref:
+            for part in (rows, eval_rows):
+                precompute_reference_logps(model, part, collate, recipe.train.batch_size, ref_model,
+                                           progress=recipe.train.progress)
+            ref_model = None  # no longer needed: the batches carry ref_logps
+        return cls(cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model, cfg.sft_weight)
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ref_model=None,
                  sft_weight: float = 0.0):

@@ -98,17 +98,33 @@ def make_dpo_objective(recipe: Recipe, model, rows, collate, log=print, eval_row
     return DPOObjective(cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model, cfg.sft_weight)
 
 
+#: Workflows whose set-up joins a process group and trains data-parallel.
+DISTRIBUTED_WORKFLOWS = ("causal",)
+
+
+def refuse_distributed(recipe: Recipe, world_size: int) -> None:
+    """One clear line instead of ``world_size`` identical copies of a one-process workflow."""
+    wf = recipe.resolved_workflow
+    if world_size > 1 and wf not in DISTRIBUTED_WORKFLOWS:
+        raise MMTuneError(f"--nproc {world_size} / torchrun: {wf} recipes train in one process only (each of the "
+                          f"{world_size} processes would run the same copy); run without --nproc. Several "
+                          f"processes: {', '.join(DISTRIBUTED_WORKFLOWS)} recipes")
+
+
 def run_recipe(recipe: Recipe, resume=False, overwrite: bool = False, log=print, stop_flag=None) -> dict:
     """Run ``recipe``: multimodal stages, encoder objectives, or causal-LM training (one process
     or several under torchrun, per ``recipe.distributed``)."""
-    if recipe.multimodal is not None:
+    import os
+
+    refuse_distributed(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    if recipe.resolved_workflow == "multimodal":
         from ..multimodal.run import run_multimodal_recipe
 
-        return run_multimodal_recipe(recipe, resume=resume)
-    if is_encoder_objective(recipe.objective):
+        return run_multimodal_recipe(recipe, resume=resume, overwrite=overwrite, log=log, stop_flag=stop_flag)
+    if recipe.resolved_workflow == "encoder":
         from ..encoders.run import run_encoder_recipe
 
-        return run_encoder_recipe(recipe, resume=resume)
+        return run_encoder_recipe(recipe, resume=resume, log=log, stop_flag=stop_flag)
     from ..data.templates import get_template
     from ..distributed import barrier, cleanup, init_distributed, is_main_process, train_in_bf16, wrap_model
     from ..models.adapters import trainable_summary
