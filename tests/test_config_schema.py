@@ -88,3 +88,13 @@ def test_lazy_entries_resolve_to_the_registered_builders():
     assert set(OBJECTIVES._items) == set(OBJECTIVES.names())  # every lazy name is really registered
     PROJECTORS.load_all()
     assert set(PROJECTORS._items) == set(PROJECTORS.names())
+
+
+def test_a_saved_recipe_validates_again():
+    """A run saves its recipe with every field written out (defaults included); reading it back
+    must not count those defaults as settings the workflow would ignore."""
+    from mmtune.config import validate_recipe
+
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        assert validate_recipe(recipe.model_dump(mode="json")) == recipe, name

@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    p.add_argument("--overwrite", action="store_true", help="start over even if output_dir holds a run (deleted)")
 
     return ap
 
@@ -152,9 +153,9 @@ def _cmd_train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .config import load_recipe
         from .distributed import launch
-        from .train.run import refuse_distributed
+        from .workflows.run import check_distributed
 
-        refuse_distributed(load_recipe(args.recipe, args.overrides), args.nproc)  # before starting N processes
+        check_distributed(load_recipe(args.recipe, args.overrides), args.nproc)  # before starting N processes
 
         argv = ["train", args.recipe, *args.overrides]
         if args.resume:
@@ -163,7 +164,7 @@ def _cmd_train(args) -> int:
             argv.append("--overwrite")
         return launch(args.nproc, argv)
     from .config import load_recipe
-    from .train.run import run_recipe
+    from .workflows.run import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
@@ -310,10 +311,14 @@ def _cmd_demo(args) -> int:
 
 def _cmd_continual(args) -> int:
     from .config import load_recipe
-    from .continual.runner import run_continual
+    from .errors import ConfigError
+    from .workflows.run import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_continual(recipe, resume=args.resume)
+    if recipe.resolved_workflow != "continual":
+        raise ConfigError(f"{args.recipe}: `mmtune continual` runs recipes with a `continual` section; this is a "
+                          f"{recipe.resolved_workflow} recipe (run it with `mmtune train {args.recipe}`)")
+    run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

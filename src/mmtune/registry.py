@@ -110,3 +110,9 @@ WORKFLOWS: Registry = Registry("workflow", lazy={
 #: Continual-learning strategies (:mod:`mmtune.continual.strategies`); each strategy module
 #: registers itself, the package imports them all (validating their settings needs the classes).
 STRATEGIES: Registry = Registry("continual strategy", package="mmtune.continual.strategies")
+
+#: Built-in causal LMs that are built rather than shipped, by name (``builtin:NAME``), each a
+#: function ``(cache_root=None, log=print) -> Path`` of a Hugging Face directory.
+BUILTIN_MODELS: Registry = Registry("built-in model", lazy={
+    "tiny": "mmtune.models.builtin", "smollm2-135m-instruct": "mmtune.models.builtin",
+    "tiny-pretrained": "mmtune.pretrained"})

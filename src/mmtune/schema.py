@@ -13,5 +13,10 @@ class Section(BaseModel):
 
 
 def explicitly_set(section: BaseModel, name: str) -> bool:
-    """Whether the recipe (or an override) set ``name`` in ``section``, default or not."""
-    return name in section.model_fields_set
+    """Whether the recipe (or an override) set ``name`` in ``section`` to something other than its
+    default. A default written out (a saved ``recipe.yaml`` holds every field) counts as unset:
+    ignoring it changes nothing."""
+    if name not in section.model_fields_set:
+        return False
+    default = type(section).model_fields[name].get_default(call_default_factory=True)
+    return getattr(section, name) != default

@@ -124,7 +124,7 @@ def test_mistyped_freeze_pattern_is_an_error_on_the_encoder_path():
 
 @pytest.mark.parametrize("name,setting", [
     ("encoder-classify", "data.packing=false"), ("encoder-classify", "data.on_bad_record=skip"),
-    ("encoder-classify", "data.num_proc=2"), ("bert-mlm-nsp", "data.packing=true"),
+    ("encoder-classify", "data.num_proc=2"), ("bert-mlm-nsp", "data.packing=false"),
     ("mm-phi4-speech", "data.sources=[{path: x.jsonl}]")])
 def test_settings_a_workflow_ignores_are_errors_naming_them(name, setting):
     key = setting.split("=", 1)[0]

@@ -299,7 +299,11 @@ def trainable_summary(module: nn.Module) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 
-NETS: Registry = Registry("encoder network kind")  # kind -> builder(spec) -> nn.Module (random init)
+#: kind -> builder(spec) -> nn.Module (random init). Downstream heads and ELECTRA register their kinds
+#: in their own modules, which import this one; the lazy entries load them on first use.
+NETS: Registry = Registry("encoder network kind", lazy={
+    **{k: "mmtune.encoders.downstream" for k in ("classify", "qa", "similarity_cross", "similarity_bi")},
+    "electra": "mmtune.encoders.electra"})
 
 
 class EncoderModule(nn.Module):
@@ -335,7 +339,6 @@ def new_modules(missing: list[str]) -> list[str]:
 
 def build_module(spec: dict) -> EncoderModule:
     """An :class:`EncoderModule` of ``spec`` with random weights and the spec's adapter applied."""
-    _register_nets()
     return NETS.get(spec["kind"])(spec)
 
 
@@ -354,10 +357,6 @@ def load_encoder_module(path: str | Path) -> EncoderModule:
         raise ConfigError(f"weights in '{path}' do not match its encoder.json: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}")
     return module
-
-
-def _register_nets() -> None:
-    from . import downstream, electra  # noqa: F401  (register their kinds)
 
 
 # Class -> (encoder attribute, MLM head on hidden states, pair head on the encoder output or None).

@@ -23,11 +23,17 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Recipe
+from ..data.templates import get_template
+from ..data.tokenize import effective_loss_on
 from ..errors import ConfigError, MMTuneError
 from ..train.checkpoint import latest_checkpoint
 from ..train.loop import Trainer, seed_everything
 from .config import StageConfig
-from .model import CONFIG_FILE, ComposedModel, build_composed_model, load_composed
+from .data import LengthPolicy, MediaCache, build_mm_examples, collate_mm, pack_mm_examples
+from .model import CONFIG_FILE, ComposedModel, build_composed_model, find_composed, load_composed  # noqa: F401
+from .objective import MultimodalObjective
+from .preference import MultimodalDPOObjective, build_mm_pairs, collate_mm_pairs, precompute_mm_reference
+from .stages import apply_stage
 
 MM_OBJECTIVES = ("sft", "pretrain", "dpo")
 
@@ -73,9 +79,6 @@ def _completed(recipe: Recipe) -> int:
 
 def build_stage_data(recipe: Recipe, stage: StageConfig, model: ComposedModel, template, cache=None, log=print):
     """``(train_rows, eval_rows, collate_fn, report)`` of one stage (rows packed when data.packing)."""
-    from ..data.tokenize import effective_loss_on
-    from .data import LengthPolicy, build_mm_examples, collate_mm, pack_mm_examples
-
     data = recipe.data
     policy = LengthPolicy(data.max_length, data.truncation, effective_loss_on(recipe.objective, data.loss_on))
     train, report = build_mm_examples(stage.sources, model, template, policy, data.on_bad_record, recipe.train.seed,
@@ -97,9 +100,6 @@ def build_stage_data(recipe: Recipe, stage: StageConfig, model: ComposedModel, t
 def build_stage_pairs(recipe: Recipe, stage: StageConfig, model: ComposedModel, template, cache=None, log=print):
     """``(train_pairs, eval_pairs, collate_fn, objective, n_pairs)`` of a DPO stage (pairs are
     never packed: chosen and rejected run side by side)."""
-    from .data import LengthPolicy
-    from .preference import MultimodalDPOObjective, build_mm_pairs, collate_mm_pairs
-
     data, dpo = recipe.data, recipe.dpo
     policy = LengthPolicy(data.max_length, data.truncation, "last_turn")
     train = build_mm_pairs(stage.sources, model, template, policy, data.on_bad_record, recipe.train.seed, cache, log)
@@ -121,12 +121,6 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
     (checked after every optimizer step, e.g. set by Ctrl-C) ends the run after a checkpoint;
     ``resume=True`` continues it. ``cache_root``: where builtin encoders are built.
     """
-    from ..data.templates import get_template
-    from .data import MediaCache
-    from .objective import MultimodalObjective
-    from .preference import precompute_mm_reference
-    from .stages import apply_stage
-
     mm = recipe.multimodal
     if mm is None:
         raise ConfigError("the recipe has no `multimodal` section")
@@ -199,9 +193,6 @@ def evaluate_stages(recipe: Recipe, model: ComposedModel, template, batch_size: 
     every stage that has them, and ``eval_loss`` over all of them."""
     import torch
 
-    from .data import MediaCache
-    from .objective import MultimodalObjective
-
     objective, cache, out = MultimodalObjective(), MediaCache(model), {}
     total = count = 0.0
     model.eval()
@@ -245,12 +236,3 @@ def _drop_untrained(rows, model: ComposedModel, plan) -> tuple[list, dict]:
         else:
             skipped[r["group"]] = skipped.get(r["group"], 0) + 1
     return kept, skipped
-
-
-def find_composed(path: str | Path) -> Path | None:
-    """The composed model directory ``path`` names: itself, or a run's ``final``."""
-    p = Path(path)
-    for cand in (p, p / "final"):
-        if (cand / CONFIG_FILE).is_file():
-            return cand
-    return None

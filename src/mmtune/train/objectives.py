@@ -13,8 +13,8 @@ import abc
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..models.losses import shifted_token_loss  # noqa: F401 - defined with the models
 from ..registry import OBJECTIVES
 
 
@@ -57,19 +57,6 @@ class Objective(abc.ABC):
         """Forward ``batch`` through ``model`` and return the summed loss."""
 
 
-
-
-def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy and the number of supervised tokens.
-
-    ``labels`` are aligned with the inputs (Hugging Face convention); position t's logits
-    predict labels[t+1]; -100 marks positions without loss.
-    """
-    logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, (target != -100).sum()
 
 
 def model_inputs(batch: dict) -> dict:
