@@ -52,3 +52,12 @@ def test_overwrite_deletes_only_the_workflow_files(tmp_path):
         prepare_output_dir(tmp_path, wf, resume=False, overwrite=False)
     prepare_output_dir(tmp_path, wf, resume=False, overwrite=True)
     assert not (tmp_path / "stages").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_one_builtin_resolver_knows_every_builtin_model():
+    from mmtune.models.loading import BUILTIN_MODELS as listed
+    from mmtune.registry import BUILTIN_MODELS
+
+    assert sorted(n.split(":", 1)[1] for n in listed) == BUILTIN_MODELS.names()
+    BUILTIN_MODELS.load_all()
+    assert sorted(BUILTIN_MODELS._items) == BUILTIN_MODELS.names()  # every lazy entry registers its builder

@@ -23,7 +23,7 @@ from .adapters import apply_adapter, apply_freeze, trainable_summary
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = tuple(f"builtin:{n}" for n in BUILTIN_BUILDERS.names())
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained", "builtin:smollm2-135m-instruct")  # in BUILTIN_BUILDERS
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -546,16 +546,17 @@ def add_adapters(language_model: nn.Module, specs: Sequence[AdapterSpec]) -> nn.
 def inject_encoder_lora(module: nn.Module, spec: AdapterSpec | dict) -> nn.Module:
     """LoRA (PEFT ``inject_adapter_in_model``) on an encoder's linear layers, always active; the
     spec is remembered on the module so that saving and loading re-inject it."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
+
+    from ..config import AdapterConfig
+    from ..models.adapters import lora_config
 
     spec = spec if isinstance(spec, dict) else spec.model_dump()
     targets = spec["targets"]
-    if targets == "all-linear":
+    if targets == "all-linear":  # every linear layer of the encoder (PEFT's shorthand skips a model's head)
         targets = sorted({n for n, m in module.named_modules() if isinstance(m, nn.Linear)})
-    elif isinstance(targets, str):
-        targets = [targets]
-    cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=targets,
-                     bias="none")
+    cfg = lora_config(AdapterConfig(type="lora", r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"]),
+                      task_type=None, targets=targets)
     try:
         inject_adapter_in_model(cfg, module, adapter_name="default")
     except ValueError as e:
