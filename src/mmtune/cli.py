@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe, or `sweep` followed by a recipe")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    p.add_argument("--overwrite", action="store_true", help="start over even if output_dir holds a run (deleted)")
     sw = p.add_argument_group("sweep (mmtune continual sweep RECIPE ...)")
     sw.add_argument("--strategies", default=None, metavar="A,B+C",
                     help="comma-separated strategies; `+` composes (replay+lwf); settings come from the recipe's "
@@ -198,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .config import load_recipe
         from .distributed import launch
+        from .workflows.run import check_distributed
+
+        check_distributed(load_recipe(args.recipe, args.overrides), args.nproc)  # before starting N processes
 
         argv = ["train", args.recipe, *args.overrides]
         if args.resume:
@@ -207,7 +212,7 @@ def _cmd_train(args) -> int:
             argv.append("--overwrite")
         return launch(args.nproc, argv)
     from .config import load_recipe
-    from .train.run import run_recipe
+    from .workflows.run import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
@@ -366,16 +371,20 @@ def _cmd_demo(args) -> int:
 
 def _cmd_continual(args) -> int:
     from .config import load_recipe
+    from .errors import ConfigError
+    from .workflows.run import run_recipe
 
     if args.recipe == "sweep":
         return _cmd_continual_sweep(args)
     given = [f for f in ("strategies", "scenario", "output") if getattr(args, f) is not None]
     if given:
         raise MMTuneError(f"--{given[0]} belongs to `mmtune continual sweep RECIPE ...`")
-    from .continual.runner import run_continual
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_continual(recipe, resume=args.resume)
+    if recipe.resolved_workflow != "continual":
+        raise ConfigError(f"{args.recipe}: `mmtune continual` runs recipes with a `continual` section; this is a "
+                          f"{recipe.resolved_workflow} recipe (run it with `mmtune train {args.recipe}`)")
+    run_recipe(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

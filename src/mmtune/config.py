@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .registry import did_you_mean
+from .registry import ENCODER_OBJECTIVES, OBJECTIVES, did_you_mean
+from .schema import Section, explicitly_set
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class ModelConfig(Section):
@@ -142,9 +139,83 @@ class DPOConfig(Section):
                                  "cache them in the examples (saves a forward pass per step).")
 
 
+class DistributedConfig(Section):
+    strategy: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="How several processes share the work. `auto`: ddp when started with several "
+        "processes (`--nproc N` or torchrun), none otherwise. `none`: one process. `ddp`: whole model on every "
+        "rank, gradients averaged (also QLoRA). `fsdp`: FSDP2, parameters, gradients and optimizer state "
+        "sharded per decoder layer. `deepspeed`: DeepSpeed ZeRO (`zero_stage`), needs the `deepspeed` extra.")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend. `auto`: nccl (with gloo for CPU objects) on GPUs, gloo on CPU.")
+    mixed_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute dtype of sharded parameters (fsdp: MixedPrecisionPolicy, gradients reduced "
+        "in fp32; deepspeed: its bf16 mode). `auto`: bf16 when the run trains in bf16 (train.precision), else fp32.")
+    cpu_offload: bool = Field(
+        False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory "
+        "(CPUOffloadPolicy; the optimizer step runs on the CPU). deepspeed: offload the optimizer state "
+        "(and with zero_stage 3 the parameters) to the CPU. Trades speed for GPU memory.")
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free each layer's gathered parameters after its forward and gather them again "
+        "in backward (ZeRO-3 memory). false keeps them until backward (ZeRO-2-like: more memory, less traffic).")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage. 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
+    deepspeed_config: str | None = Field(
+        None, description="deepspeed: path to a DeepSpeed JSON config to use instead of the generated one. "
+        "Values `auto` are filled from the recipe; `optimizer`/`scheduler` sections are not allowed (the "
+        "recipe's train section defines them).")
+    find_unused_parameters: bool = Field(
+        False, description="ddp: allow parameters that get no gradient in a step (slower; needed only when a "
+        "model skips trainable modules, e.g. a modality absent from a batch).")
+    timeout_minutes: float = Field(30, gt=0, description="How long a collective waits for the other ranks "
+                                   "before the run fails (a hung rank then stops the run).")
+
+
+#: The workflows a recipe can run (``workflow:``); each lives in :mod:`mmtune.workflows`.
+WORKFLOW_NAMES = ("causal", "multimodal", "encoder", "continual")
+
+#: Settings a workflow does not read: setting one (default value or not) is an error naming it,
+#: since it would be silently ignored. ``a.b`` is field b of section a; a bare name is a section.
+IGNORED_BY = {
+    "causal": ("encoder", "multimodal", "continual"),
+    "encoder": ("data.packing", "data.on_bad_record", "data.num_proc", "data.template", "data.system_prompt",
+                "data.loss_on", "data.reasoning", "data.answer_marker", "data.truncation", "data.add_eos",
+                "data.cache_dir", "dpo", "multimodal", "continual"),
+    "multimodal": ("data.sources", "data.eval_sources", "data.eval_fraction", "data.num_proc", "data.cache_dir",
+                   "adapter", "model.freeze", "model.gradient_checkpointing", "encoder", "continual"),
+    "continual": ("objective", "data.sources", "data.eval_sources", "data.eval_fraction", "data.packing",
+                  "data.num_proc", "dpo", "encoder", "multimodal"),
+}
+
+_WHERE_INSTEAD = {
+    ("multimodal", "data.sources"): "each stage's multimodal.stages[].sources",
+    ("multimodal", "data.eval_sources"): "each stage's multimodal.stages[].eval_sources",
+    ("multimodal", "adapter"): "multimodal.adapters and the stages' trainability",
+    ("multimodal", "model.freeze"): "the stages' trainability (multimodal.stages[])",
+    ("continual", "data.sources"): "continual.tasks[].source",
+    ("continual", "data.eval_sources"): "continual.tasks[].eval_source",
+}
+
+MULTIMODAL_OBJECTIVES = ("sft", "pretrain", "dpo")
+
+
+def infer_workflow(objective: str, *, multimodal: bool, continual: bool) -> str:
+    """The workflow of a recipe without ``workflow:``: its sections, else its objective."""
+    if multimodal:
+        return "multimodal"
+    if continual:
+        return "continual"
+    return "encoder" if objective in ENCODER_OBJECTIVES else "causal"
+
+
 class Recipe(Section):
-    objective: str = Field("sft", description="Training objective: sft | pretrain (and the objectives other "
-                           "parts of mmtune register).")
+    workflow: Literal["causal", "multimodal", "encoder", "continual"] | None = Field(
+        None, description="What the recipe trains: `causal` (a causal LM: sft, pretrain, dpo), `multimodal` "
+        "(encoders composed with an LLM, trained in stages), `encoder` (BERT-family objectives and heads), "
+        "`continual` (a task sequence with a strategy). null: inferred (a `multimodal` or `continual` section, "
+        "else an encoder objective, else causal). A setting the workflow would not read is an error.")
+    objective: str = Field("sft", description="Training objective: sft | pretrain | dpo | sft-fused (causal and "
+                           "multimodal), mlm | mlm_nsp | mlm_sop | electra | classify | qa | similarity_cross | "
+                           "similarity_bi (encoder).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -155,7 +226,7 @@ class Recipe(Section):
     continual: ContinualConfig | None = Field(None, description="Continual learning: an ordered sequence of "
                                               "tasks and a strategy (`mmtune continual RECIPE`); see "
                                               "mmtune/continual/config.py.")
-    distributed: DistributedConfig = Field(default_factory=lambda: DistributedConfig(), description="Several "
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several "
                                            "processes/GPUs (DDP, FSDP2, DeepSpeed ZeRO); see mmtune/distributed.py.")
     multimodal: MultimodalConfig | None = Field(None, description="Vision/audio encoders composed with the LLM, "
                                                 "modality LoRA adapters and their router, and training stages "
@@ -164,11 +235,45 @@ class Recipe(Section):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, v: str) -> str:
-        from .train.objectives import OBJECTIVES, register_all
+        return OBJECTIVES.check(v)  # the names only: no objective module (and no torch) is imported
 
-        register_all()
-        OBJECTIVES.get(v)  # raises ConfigError with the valid names
-        return v
+    @property
+    def resolved_workflow(self) -> str:
+        """``workflow`` as given, or inferred (see the field)."""
+        return self.workflow or infer_workflow(self.objective, multimodal=self.multimodal is not None,
+                                               continual=self.continual is not None)
+
+    @model_validator(mode="after")
+    def _workflow_reads_every_setting(self) -> Recipe:
+        wf = self.resolved_workflow
+        inferred = infer_workflow(self.objective, multimodal=self.multimodal is not None,
+                                  continual=self.continual is not None)
+        if self.workflow is not None and wf != inferred:
+            need = {"multimodal": "a `multimodal` section", "continual": "a `continual` section",
+                    "encoder": f"an encoder objective ({', '.join(ENCODER_OBJECTIVES)})",
+                    "causal": "a causal objective and no multimodal/continual section"}[wf]
+            raise ValueError(f"workflow: {wf} needs {need}; this recipe is a {inferred} recipe")
+        for key in IGNORED_BY[wf]:
+            section, _, name = key.partition(".")
+            if name:
+                is_set = explicitly_set(getattr(self, section), name)
+            elif section in ("encoder", "multimodal", "continual"):
+                is_set = getattr(self, section) is not None
+            else:
+                is_set = explicitly_set(self, section)
+            if is_set:
+                instead = _WHERE_INSTEAD.get((wf, key))
+                raise ValueError(f"'{key}' is not read by {wf} recipes (it would be ignored); remove it"
+                                 + (f" (use {instead})" if instead else ""))
+        if wf == "causal" and explicitly_set(self, "dpo") and self.objective != "dpo":
+            raise ValueError(f"'dpo' settings are read by objective dpo only (objective is {self.objective!r}); "
+                             "remove them or set objective: dpo")
+        if wf == "multimodal" and self.objective not in MULTIMODAL_OBJECTIVES:
+            raise ValueError(f"objective '{self.objective}' is not available for multimodal recipes; use one of "
+                             f"{', '.join(MULTIMODAL_OBJECTIVES)}")
+        if wf == "encoder" and self.objective == "electra" and self.adapter.type != "none":
+            raise ValueError("objective electra trains generator and discriminator in full; set adapter.type: none")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +318,10 @@ def format_validation_error(err: ValidationError, source: str, model_cls=None) -
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
+            if not loc or e["type"] == "value_error" and isinstance(e.get("input"), dict):
+                lines.append(f"{source}: {key + ': ' if key else ''}{msg}")  # a rule across fields: no input echo
+            else:
+                lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -307,7 +415,6 @@ def validate_recipe(data: dict, source: str = "<recipe>", model_cls: type[BaseMo
 
 # Sections that live with their features; resolve the forward references once all exist.
 from .continual.config import ContinualConfig  # noqa: E402
-from .distributed import DistributedConfig  # noqa: E402
 from .encoders.config import EncoderConfig  # noqa: E402
 from .multimodal.config import MultimodalConfig  # noqa: E402
 

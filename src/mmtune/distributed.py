@@ -42,47 +42,15 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import Field
 
-from .config import Section
+from .config import DistributedConfig  # noqa: F401 - the recipe section, defined with the schema
 from .errors import ConfigError, MMTuneError
 
 log = logging.getLogger("mmtune.distributed")
 
-
-class DistributedConfig(Section):
-    strategy: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
-        "auto", description="How several processes share the work. `auto`: ddp when started with several "
-        "processes (`--nproc N` or torchrun), none otherwise. `none`: one process. `ddp`: whole model on every "
-        "rank, gradients averaged (also QLoRA). `fsdp`: FSDP2, parameters, gradients and optimizer state "
-        "sharded per decoder layer. `deepspeed`: DeepSpeed ZeRO (`zero_stage`), needs the `deepspeed` extra.")
-    backend: Literal["auto", "nccl", "gloo"] = Field(
-        "auto", description="torch.distributed backend. `auto`: nccl (with gloo for CPU objects) on GPUs, gloo on CPU.")
-    mixed_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Compute dtype of sharded parameters (fsdp: MixedPrecisionPolicy, gradients reduced "
-        "in fp32; deepspeed: its bf16 mode). `auto`: bf16 when the run trains in bf16 (train.precision), else fp32.")
-    cpu_offload: bool = Field(
-        False, description="fsdp: keep sharded parameters, gradients and optimizer state in CPU memory "
-        "(CPUOffloadPolicy; the optimizer step runs on the CPU). deepspeed: offload the optimizer state "
-        "(and with zero_stage 3 the parameters) to the CPU. Trades speed for GPU memory.")
-    reshard_after_forward: bool = Field(
-        True, description="fsdp: free each layer's gathered parameters after its forward and gather them again "
-        "in backward (ZeRO-3 memory). false keeps them until backward (ZeRO-2-like: more memory, less traffic).")
-    zero_stage: Literal[1, 2, 3] = Field(
-        2, description="deepspeed: ZeRO stage. 1 partitions optimizer state, 2 also gradients, 3 also parameters.")
-    deepspeed_config: str | None = Field(
-        None, description="deepspeed: path to a DeepSpeed JSON config to use instead of the generated one. "
-        "Values `auto` are filled from the recipe; `optimizer`/`scheduler` sections are not allowed (the "
-        "recipe's train section defines them).")
-    find_unused_parameters: bool = Field(
-        False, description="ddp: allow parameters that get no gradient in a step (slower; needed only when a "
-        "model skips trainable modules, e.g. a modality absent from a batch).")
-    timeout_minutes: float = Field(30, gt=0, description="How long a collective waits for the other ranks "
-                                   "before the run fails (a hung rank then stops the run).")
 
 
 # ---------------------------------------------------------------------------------------------

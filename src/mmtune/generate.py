@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from .models.sampling import top_p_filter  # noqa: F401 - kept importable from here
+
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
@@ -26,18 +28,6 @@ def _accepts_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering (Holtzman et al. 2020): keep the smallest set of most likely tokens
-    whose total probability reaches ``top_p`` (always at least one), renormalised. (V,) -> (V,)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = torch.sort(probs, descending=True)  # (V,), (V,)
-    before = torch.cumsum(sorted_p, 0) - sorted_p  # mass strictly before each token
-    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    kept = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return kept / kept.sum()
 
 
 def iter_token_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,

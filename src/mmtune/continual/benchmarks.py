@@ -383,7 +383,7 @@ class TextBenchmark(Benchmark):
         return self._collate(rows)
 
     def evaluate(self, model, task: TaskData, batch_size: int) -> float:
-        from ..evaluation import greedy_answers, normalize_answer
+        from ..train.scoring import greedy_answers, normalize_answer
 
         with eval_mode(model):
             answers = greedy_answers(model, self.tokenizer, self.template, [e["prompt"] for e in task.eval],

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Section
 from ..registry import did_you_mean
+from ..schema import Section
 
 #: Task sources. ``digits:C1,C2,...`` (scikit-learn's bundled 8x8 digits of those classes),
 #: ``digits-permuted:SEED`` (all ten classes, pixels permuted by a fixed permutation drawn from
@@ -115,7 +115,7 @@ class StrategyConfig(Section):
 
     @model_validator(mode="after")
     def _check_settings(self):
-        from .strategies import STRATEGIES
+        from ..registry import STRATEGIES
 
         valid = STRATEGIES.names()
         if not self.names:

@@ -195,11 +195,12 @@ def prepare_model(bench: Benchmark, strategy: Strategy, device: torch.device, st
     return model.to(device)
 
 
-def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print) -> dict:
+def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None, log=print, stop_flag=None) -> dict:
     """Run the recipe's task sequence. Returns R, b, the metrics and the report paths.
 
     ``stop_after``: stop once this many tasks are finished (the state is saved; ``resume``
-    continues the run). The report is written when the last task is done.
+    continues the run). ``stop_flag`` (polled after every optimizer step) ends the run inside a
+    task, which ``resume`` then redoes. The report is written when the last task is done.
     """
     cc = recipe.continual
     if cc is None:
@@ -208,12 +209,12 @@ def run_continual(recipe, resume: bool = False, *, stop_after: int | None = None
     if cc.torch_threads:
         torch.set_num_threads(cc.torch_threads)
     try:
-        return _run(recipe, cc, resume, stop_after, log)
+        return _run(recipe, cc, resume, stop_after, log, stop_flag)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
+def _run(recipe, cc, resume: bool, stop_after: int | None, log, stop_flag=None) -> dict:
     out = Path(recipe.train.output_dir)
     cdir = out / "continual"
     fingerprint = _fingerprint(recipe)
@@ -269,10 +270,13 @@ def _run(recipe, cc, resume: bool, stop_after: int | None, log) -> dict:
         if cc.curve_every:
             plugins.append(CurvePlugin(_eval, cc.curve_every, t, progress["curves"]))
         trainer = Trainer(model, objective, rows, bench.collate, cfg, plugins=plugins, device=device,
-                          optimizer_groups=strategy.optimizer_groups(model))
+                          optimizer_groups=strategy.optimizer_groups(model), stop_flag=stop_flag)
         if cc.keep_optimizer_state and opt_states:
             load_param_states(model, trainer.optimizer, opt_states)
         res = trainer.fit()
+        if res.get("stopped"):
+            log(f"stopped in task {t + 1}/{T} '{task.info.name}'; --resume redoes it")
+            break
         if cc.keep_optimizer_state:
             opt_states = param_states(model, trainer.optimizer)
         progress.setdefault("terms", []).append(_mean_terms(trainer.history, res["losses"]))

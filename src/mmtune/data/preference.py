@@ -151,34 +151,10 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-@torch.no_grad()
-def preference_accuracy(model, examples: list[dict], pad_id: int, beta: float = 0.1, batch_size: int = 16,
-                        ref_model=None) -> dict:
-    """Share of held-out pairs where the policy gives the chosen response a higher log-prob than
-    the rejected one; with a reference (``ref_model``, or a PEFT model's adapters disabled) also
-    the share whose implicit reward is higher, and the mean reward margin."""
-    from ..train.dpo import has_adapters, reference_logps, sequence_logps
-    from ..train.objectives import model_inputs
+def __getattr__(name: str):
+    # Kept import path: preference_accuracy scores a model, so it lives with DPO in the train layer.
+    if name == "preference_accuracy":
+        from ..train.dpo import preference_accuracy
 
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    with_ref = ref_model is not None or has_adapters(model)
-    wins, logp_wins, margins, n = 0, 0, 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items() if k != "ref_logps"}
-        pol = sequence_logps(model(**model_inputs(b), use_cache=False).logits, b["labels"])
-        k = len(chunk)
-        logp_wins += int((pol[:k] > pol[k:]).sum())
-        n += k
-        if with_ref:
-            ref = reference_logps(model, b, ref_model)
-            rc, rr = beta * (pol[:k] - ref[:k]), beta * (pol[k:] - ref[k:])
-            wins += int((rc > rr).sum())
-            margins += float((rc - rr).sum())
-    model.train(was)
-    out = {"logp_preference_accuracy": logp_wins / n, "n": n}
-    if with_ref:
-        out.update(preference_accuracy=wins / n, reward_margin=margins / n)
-    return out
+        return preference_accuracy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,10 +8,9 @@
   (bi-encoder with a contrastive cosine loss), all scored with Spearman where it fits.
 
 Entry points: :func:`mmtune.encoders.run.run_encoder_recipe` (``mmtune train``) and
-:func:`mmtune.encoders.run.eval_encoder` (``mmtune eval``). This package's ``__init__`` stays free
-of imports: ``mmtune.config`` imports :mod:`mmtune.encoders.config` while it is being built, and
-the objectives are registered by ``mmtune.train.objectives.register_all``.
+:func:`mmtune.encoders.run.eval_encoder` (``mmtune eval``). This package's ``__init__`` imports only
+the torch-free registry: ``mmtune.config`` imports :mod:`mmtune.encoders.config`, and the objectives
+are registered when :data:`mmtune.registry.OBJECTIVES` first looks one of their names up.
 """
 
-ENCODER_OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop", "electra", "classify", "qa", "similarity_cross",
-                      "similarity_bi")
+from ..registry import ENCODER_OBJECTIVES  # noqa: E402,F401 - the names, declared with the registry

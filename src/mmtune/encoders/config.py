@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import Section
+from ..schema import Section
 
 
 class EncoderConfig(Section):

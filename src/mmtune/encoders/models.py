@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import AdapterConfig, ModelConfig
 from ..errors import ConfigError
+from ..models.adapters import apply_freeze, lora_config
 from ..registry import Registry
 
 # name -> (model_type, config kwargs). Tiny sizes train in seconds on a CPU; the others are the
@@ -265,14 +266,10 @@ def apply_adapter(net: nn.Module, adapter: AdapterConfig, *, lora_attr: str | No
         if from_scratch:
             raise ConfigError("adapter.type lora on a randomly initialised built-in model would train low-rank "
                               "updates of random weights; use adapter.type: none (or a pretrained model.path)")
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         target = getattr(net, lora_attr) if lora_attr else net
-        lcfg = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                          target_modules=adapter.targets, use_rslora=adapter.rslora, use_dora=adapter.dora,
-                          modules_to_save=list(adapter.modules_to_save) or None,
-                          exclude_modules=list(new_modules) or None)
-        wrapped = get_peft_model(target, lcfg)
+        wrapped = get_peft_model(target, lora_config(adapter, task_type=None, exclude_modules=new_modules))
         if lora_attr:
             setattr(net, lora_attr, wrapped)
         else:
@@ -281,8 +278,9 @@ def apply_adapter(net: nn.Module, adapter: AdapterConfig, *, lora_attr: str | No
             if any(fnmatch.fnmatch(name, pat) for pat in always_train):
                 p.requires_grad_(True)
     else:
-        for name, p in net.named_parameters():
-            p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in freeze))
+        for p in net.parameters():
+            p.requires_grad_(True)
+    apply_freeze(net, list(freeze))  # a pattern matching nothing is an error, as on the causal path
     return net
 
 
@@ -301,7 +299,11 @@ def trainable_summary(module: nn.Module) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
 
-NETS: Registry = Registry("encoder network kind")  # kind -> builder(spec) -> nn.Module (random init)
+#: kind -> builder(spec) -> nn.Module (random init). Downstream heads and ELECTRA register their kinds
+#: in their own modules, which import this one; the lazy entries load them on first use.
+NETS: Registry = Registry("encoder network kind", lazy={
+    **{k: "mmtune.encoders.downstream" for k in ("classify", "qa", "similarity_cross", "similarity_bi")},
+    "electra": "mmtune.encoders.electra"})
 
 
 class EncoderModule(nn.Module):
@@ -337,7 +339,6 @@ def new_modules(missing: list[str]) -> list[str]:
 
 def build_module(spec: dict) -> EncoderModule:
     """An :class:`EncoderModule` of ``spec`` with random weights and the spec's adapter applied."""
-    _register_nets()
     return NETS.get(spec["kind"])(spec)
 
 
@@ -356,10 +357,6 @@ def load_encoder_module(path: str | Path) -> EncoderModule:
         raise ConfigError(f"weights in '{path}' do not match its encoder.json: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}")
     return module
-
-
-def _register_nets() -> None:
-    from . import downstream, electra  # noqa: F401  (register their kinds)
 
 
 # Class -> (encoder attribute, MLM head on hidden states, pair head on the encoder output or None).

@@ -65,6 +65,7 @@ class MLMObjective(EncoderObjective):
     """Masked-language-model cross-entropy on the selected tokens (labels != -100)."""
 
     name = "mlm"
+    data = "masked"
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE).sum())
@@ -95,6 +96,7 @@ class MLMNSPObjective(_MLMPairObjective):
     """BERT: MLM + next-sentence prediction (label 1 = B comes from another document)."""
 
     name = "mlm_nsp"
+    data = "segments"
 
 
 @OBJECTIVES.register("mlm_sop")
@@ -102,6 +104,7 @@ class MLMSOPObjective(_MLMPairObjective):
     """ALBERT: MLM + sentence-order prediction (label 1 = the two segments are swapped)."""
 
     name = "mlm_sop"
+    data = "segments"
 
 
 @OBJECTIVES.register("electra")
@@ -109,6 +112,7 @@ class ElectraObjective(MLMObjective):
     """Generator MLM + ``rtd_weight`` x discriminator BCE over every real token (Clark et al. 2020)."""
 
     name = "electra"
+    data = "masked"
 
     def __init__(self, rtd_weight: float = 50.0):
         self.rtd_weight = rtd_weight
@@ -140,6 +144,7 @@ class ClassifyObjective(EncoderObjective):
     """Cross-entropy of the class from the pooled sequence vector."""
 
     name = "classify"
+    data = "task"
 
     def count(self, batch: dict) -> int:
         return batch["labels"].numel()
@@ -156,6 +161,7 @@ class QAObjective(EncoderObjective):
     """Mean of the start and end cross-entropies per window (BERT section 4.2)."""
 
     name = "qa"
+    data = "task"
 
     def count(self, batch: dict) -> int:
         return batch["start_positions"].numel()
@@ -177,6 +183,7 @@ class SimilarityCrossObjective(EncoderObjective):
     """Cross-encoder: binary cross-entropy of one logit against the score scaled to [0, 1]."""
 
     name = "similarity_cross"
+    data = "task"
 
     def count(self, batch: dict) -> int:
         return batch["scores"].numel()
@@ -196,6 +203,7 @@ class SimilarityBiObjective(EncoderObjective):
     ContrastiveLoss). ``cosine_mse``: (cos - score)^2 with the score scaled to [0, 1]."""
 
     name = "similarity_bi"
+    data = "task"
 
     def __init__(self, loss: str = "contrastive", margin: float = 0.5, threshold: float = 0.5):
         self.loss, self.margin, self.threshold = loss, margin, threshold

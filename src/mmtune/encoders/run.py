@@ -383,7 +383,7 @@ def _check(recipe: Recipe) -> None:
                           + ", ".join(ENCODER_OBJECTIVES))
 
 
-def run_encoder_recipe(recipe: Recipe, resume: bool | str = False) -> dict:
+def run_encoder_recipe(recipe: Recipe, resume: bool | str = False, log=print, stop_flag=None) -> dict:
     """Train the recipe with the shared loop, evaluate, export ``final/``; returns the loop's result
     dict plus ``eval`` (task metrics), ``data`` (counts), ``final_dir``, parameter counts."""
     _check(recipe)
@@ -399,15 +399,14 @@ def run_encoder_recipe(recipe: Recipe, resume: bool | str = False) -> dict:
         module.to("cuda")
     summary = trainable_summary(module)
     enc = recipe.encoder or EncoderConfig()
-    if cfg.progress:
-        print(f"[mmtune] {recipe.objective}: {len(prep.train_rows)} training rows, {len(prep.eval_rows)} eval rows; "
-              f"data {prep.report}; trainable {summary['trainable_params']:,} of {summary['params']:,} parameters"
-              + (f"; newly initialised: {module.spec['new_weights']}" if module.spec.get("new_weights") else ""))
+    log(f"[mmtune] {recipe.objective}: {len(prep.train_rows)} training rows, {len(prep.eval_rows)} eval rows; "
+        f"data {prep.report}; trainable {summary['trainable_params']:,} of {summary['params']:,} parameters"
+        + (f"; newly initialised: {module.spec['new_weights']}" if module.spec.get("new_weights") else ""))
     trainer = Trainer(module, build_objective(recipe.objective, enc), prep.train_rows, prep.collate, cfg,
                       eval_rows=prep.eval_rows or None, tokenizer=prep.tokenizer,
                       recipe=recipe.model_dump(mode="json"),
                       meta={"encoder": module.spec["kind"], "objective": recipe.objective,
-                            "base_model": recipe.model.path, "adapter": recipe.adapter.type})
+                            "base_model": recipe.model.path, "adapter": recipe.adapter.type}, stop_flag=stop_flag)
     result = trainer.fit(resume=resume)
     metrics = evaluate_prepared(module, prep, recipe)
     final = export_final(module, prep.tokenizer, recipe, out / "final", metrics)
@@ -415,18 +414,32 @@ def run_encoder_recipe(recipe: Recipe, resume: bool | str = False) -> dict:
             "trainable_params": summary["trainable_params"], "params": summary["params"]}
 
 
+def encoder_dir(path: str | Path) -> Path | None:
+    """The encoder directory (``encoder.json`` inside) that ``path`` names: itself, a run's
+    ``final/``, or a training checkpoint's ``model/``."""
+    p = Path(path)
+    return next((c for c in (p, p / "final", p / "model") if (c / "encoder.json").is_file()), None)
+
+
 def eval_encoder(target, overrides: list[str] | None = None, sources: list[str] | None = None,
-                 batch_size: int = 64) -> dict:
+                 batch_size: int = 64, checkpoint: str | Path | None = None) -> dict:
     """Task metrics of a trained encoder.
 
     ``target``: a run's ``final/`` directory or a checkpoint's ``model/`` directory (the recipe is
     read from beside it), or a recipe (object, name or YAML path: its ``train.output_dir/final``).
     ``sources``: evaluation data paths replacing the recipe's ``data.eval_sources``.
+    ``checkpoint``: the model to evaluate instead of the recipe's (a ``final/`` directory, a
+    training checkpoint ``step-N/`` or its ``model/``), with the recipe's evaluation data.
     """
+    model_dir = None
+    if checkpoint is not None:
+        model_dir = encoder_dir(checkpoint)
+        if model_dir is None:
+            raise ConfigError(f"--checkpoint {checkpoint}: no encoder.json in it, in its final/ or in its model/; "
+                              "give a run's final/ directory or a checkpoint step-N/ directory")
     if isinstance(target, Recipe):
         recipe = target
-        model_dir = None
-    elif Path(target).is_dir() and (Path(target) / "encoder.json").is_file():
+    elif model_dir is None and Path(target).is_dir() and (Path(target) / "encoder.json").is_file():
         model_dir = Path(target)
         found = [p for p in (model_dir / "recipe.yaml", model_dir.parent / "recipe.yaml") if p.is_file()]
         if not found:
@@ -434,7 +447,6 @@ def eval_encoder(target, overrides: list[str] | None = None, sources: list[str] 
         recipe = load_recipe(str(found[0]), overrides)
     else:
         recipe = load_recipe(str(target), overrides)
-        model_dir = None
     _check(recipe)
     if model_dir is None:
         out = Path(recipe.train.output_dir)

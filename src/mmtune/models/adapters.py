@@ -21,23 +21,29 @@ from ..errors import ConfigError
 PEFT_PREFIX = "base_model.model."
 
 
-def lora_config(adapter_cfg: AdapterConfig):
-    """The ``peft.LoraConfig`` for a recipe's ``adapter`` section.
+def lora_config(adapter_cfg: AdapterConfig, *, task_type: str | None = "CAUSAL_LM", exclude_modules=(),
+                targets=None, **extra):
+    """The ``peft.LoraConfig`` for a recipe's ``adapter`` section: the one LoRA builder every
+    workflow uses (causal LM, encoders, composed models, continual strategies).
 
     ``targets: all-linear`` is PEFT's own shorthand (every ``nn.Linear`` / 4-bit linear except
     the output head). A single module name given as a string is treated as a list of one name
     (PEFT would read a string as a full-match regex over the dotted path, which a bare name
-    like ``q_proj`` never matches).
+    like ``q_proj`` never matches). ``task_type=None`` for a module that is not a causal LM
+    (an encoder backbone, a decoder inside a composed model); ``targets`` overrides the
+    section's; ``extra`` goes to ``LoraConfig`` as is.
     """
     from peft import LoraConfig
 
-    targets = adapter_cfg.targets
+    targets = adapter_cfg.targets if targets is None else targets
     if isinstance(targets, str) and targets != "all-linear":
         targets = [targets]
+    kwargs = {"task_type": task_type} if task_type else {}
     return LoraConfig(
-        task_type="CAUSAL_LM", r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+        **kwargs, r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
         target_modules=targets, use_rslora=adapter_cfg.rslora, use_dora=adapter_cfg.dora,
         modules_to_save=list(adapter_cfg.modules_to_save) or None, bias="none",
+        exclude_modules=list(exclude_modules) or None, **extra,
     )
 
 
@@ -74,7 +80,7 @@ def apply_adapter(model: nn.Module, adapter_cfg: AdapterConfig | None) -> nn.Mod
 
 
 def _matches(name: str, pattern: str) -> bool:
-    short = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    short = name.replace(PEFT_PREFIX, "", 1)  # also inside a module: `backbone.base_model.model.x`
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short, pattern)
 
 
@@ -82,7 +88,7 @@ def apply_freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     """Set ``requires_grad=False`` on every parameter whose name matches a glob pattern.
 
     Patterns are matched (``fnmatch``, case-sensitive) against the full parameter name and,
-    for a PEFT model, against the name without the ``base_model.model.`` prefix, so
+    for a PEFT model (or a module holding one), against the name without ``base_model.model.``, so
     ``model.embed_tokens.*`` works with and without LoRA. A pattern that matches no parameter
     is a :class:`ConfigError` (a typo would otherwise silently train everything).
     Returns the names frozen, sorted.

@@ -18,11 +18,12 @@ import torch
 
 from ..config import AdapterConfig, ModelConfig
 from ..errors import ConfigError, MMTuneError
+from ..registry import BUILTIN_MODELS as BUILTIN_BUILDERS
 from .adapters import apply_adapter, apply_freeze, trainable_summary
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained", "builtin:smollm2-135m-instruct")
+BUILTIN_MODELS = ("builtin:tiny", "builtin:tiny-pretrained", "builtin:smollm2-135m-instruct")  # in BUILTIN_BUILDERS
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,19 +44,10 @@ def resolve_model_path(path: str | Path) -> Path:
     """
     text = str(path)
     if text.startswith("builtin:"):
-        if text == "builtin:tiny":
-            from .tiny import ensure_tiny
-
-            return ensure_tiny()
-        if text == "builtin:tiny-pretrained":
-            from .tiny import ensure_tiny_pretrained
-
-            return ensure_tiny_pretrained()
-        if text == "builtin:smollm2-135m-instruct":
-            from .gguf import ensure_smollm2
-
-            return ensure_smollm2()
-        raise MMTuneError(f"model.path '{text}': unknown built-in model; valid: {', '.join(BUILTIN_MODELS)}")
+        name = text[len("builtin:"):]
+        if name not in BUILTIN_BUILDERS:
+            raise MMTuneError(f"model.path '{text}': unknown built-in model; valid: {', '.join(BUILTIN_MODELS)}")
+        return BUILTIN_BUILDERS.get(name)()  # the one `builtin:` resolver (see mmtune.registry.BUILTIN_MODELS)
     p = Path(text).expanduser()
     if not p.exists():
         raise MMTuneError(f"model path '{text}' does not exist: give a local Hugging Face model directory "

@@ -16,14 +16,11 @@ loads ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local directory loads 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .. import util
 from ..data import builtin
 
 #: Bumped whenever the tokenizer data, the sizes or the init change, so that an old cache is
@@ -144,43 +141,10 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def default_cache_root() -> Path:
-    """``$MMTUNE_CACHE`` if set, else ``.cache/mmtune`` under the working directory."""
-    return Path(os.environ.get("MMTUNE_CACHE") or Path.cwd() / ".cache" / "mmtune")
-
-
-def _has_info(path: Path, info_file: str, info: dict) -> bool:
-    try:
-        return json.loads((path / info_file).read_text()) == info and (path / "config.json").is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _cached_build(target: Path, info_file: str, info: dict, build) -> Path:
-    """``target`` if its ``info_file`` holds ``info``; else ``build(tmp)`` writes the model into a
-    temporary sibling directory (or returns the directory inside it that holds the model), which
-    gets ``info_file`` and is renamed into place, so a crash or a concurrent process never leaves
-    (or sees) a half-written model."""
-    if _has_info(target, info_file, info):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        built = build(tmp) or tmp
-        (built / info_file).write_text(json.dumps(info) + "\n")
-        built.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        if target.exists():  # stale: move it aside, then swap the fresh build in
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / "model")
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(built, target)
-        except OSError:
-            if not _has_info(target, info_file, info):  # not a concurrent build that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+# The cache root and the atomic build live in mmtune.util (one helper for every built artefact);
+# the names stay importable from here.
+default_cache_root = util.default_cache_root
+cached_build = _cached_build = util.cached_build
 
 
 def ensure_tiny(cache_root: str | Path | None = None, seed: int = 0) -> Path:
@@ -201,19 +165,10 @@ def ensure_tiny_pretrained(cache_root: str | Path | None = None, log=print) -> P
     corpus and the training questions as plain text), built once (about 1.5 min on 2 cores).
 
     A base model that has read the built-in facts but never seen the chat format: the starting
-    point of the shipped ``dpo`` recipe. Built in a temporary directory and renamed into place.
+    point of the shipped ``dpo`` recipe. Building it runs a training recipe, which sits above the
+    models layer, so the builder is :func:`mmtune.pretrained.build_tiny_pretrained`, found through
+    :data:`mmtune.registry.BUILTIN_MODELS` (a lazy entry: nothing is imported until it is needed).
     """
-    from ..demo import stage_recipe
-    from ..export import export_checkpoint
-    from ..train.run import run_recipe
+    from ..registry import BUILTIN_MODELS
 
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-
-    def build(tmp: Path) -> Path:
-        log(f"building builtin:tiny-pretrained once ({PRETRAIN_STEPS} steps of continued pretraining)")
-        recipe = stage_recipe("pretrain", str(ensure_tiny(root)), tmp / "run", train={"max_steps": PRETRAIN_STEPS})
-        run_recipe(recipe, overwrite=True, log=lambda *a, **k: None)
-        return export_checkpoint(tmp / "run" / "final", tmp / "model")
-
-    return _cached_build(root / "builtin-tiny-pretrained", PRETRAINED_INFO,
-                         {"tiny_version": TINY_VERSION, "steps": PRETRAIN_STEPS}, build)
+    return BUILTIN_MODELS.get("tiny-pretrained")(cache_root, log=log)

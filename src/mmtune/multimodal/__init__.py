@@ -4,9 +4,5 @@ Vision: ``tiling`` (Phi-4 / InternVL dynamic high-resolution tiles and token cou
 ``pixel_shuffle`` (InternVL pixel shuffle, Phi-4 2x2 pooling), ``projectors`` (the PROJECTORS
 registry), ``vision`` (VisionTower over transformers SigLIP/CLIP/ViT), ``synthetic_images``
 (built-in shapes/OCR image data). Import the submodules directly; this package imports nothing
-heavy.
+(the `multimodal` recipe section, config.py, builds on :mod:`mmtune.schema` only).
 """
-
-# The recipe schema first: mmtune.config imports this package's config.py (the `multimodal`
-# section) while it is being built, so importing a submodule before mmtune.config would be circular.
-from .. import config as _recipe_config  # noqa: E402, F401

@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Section
-from ..registry import did_you_mean
+from ..registry import PROJECTORS, did_you_mean
+from ..schema import Section
 
 #: The trainable components of a composed model, in the order stages list them.
 COMPONENTS = ("vision_encoder", "vision_projector", "audio_encoder", "audio_projector", "audio_projector_vs", "llm")
@@ -65,9 +65,7 @@ class VisionConfig(Section):
     @field_validator("projector")
     @classmethod
     def _known_projector(cls, v: str) -> str:
-        from .projectors import PROJECTORS
-
-        PROJECTORS.get(v)
+        PROJECTORS.check(v)
         return v
 
     @model_validator(mode="after")
@@ -110,9 +108,7 @@ class AudioConfig(Section):
     @field_validator("projector")
     @classmethod
     def _known_projector(cls, v: str) -> str:
-        from .projectors import PROJECTORS
-
-        PROJECTORS.get(v)
+        PROJECTORS.check(v)
         if v != "mlp2x_gelu":
             raise ValueError(f"audio projector '{v}' works on 2-D image grids; audio uses mlp2x_gelu")
         return v

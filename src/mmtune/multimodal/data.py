@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -54,8 +55,10 @@ from ..data.packing import collate_packed, collate_padded, pack_examples
 from ..data.sources import BadRecordStats, iter_raw, take
 from ..data.templates import IGNORE
 from ..errors import DataError, MMTuneError
-from .model import AUDIO_TAG, IMAGE_TAG, ComposedModel
-from .router import group_of, split_by_group
+from .groups import AUDIO_TAG, IMAGE_TAG, group_of, split_by_group
+
+if TYPE_CHECKING:  # the model is passed in; the data layer only reads its geometry
+    from .model import ComposedModel
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ def builtin_source(name: str, n: int | None = None, seed: int = 0, cache_root: s
 
     Records depend only on ``(name, n, seed)``; ``NAME-eval`` uses seed + 1000, disjoint draws.
     """
-    from ..models.tiny import default_cache_root
+    from ..util import default_cache_root
 
     base, held_out = (name[:-5], True) if name.endswith("-eval") else (name, False)
     if base not in BUILTIN_SOURCES:

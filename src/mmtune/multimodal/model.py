@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError, MMTuneError
 from .config import AdapterSpec, MultimodalConfig
+from .groups import AUDIO_TAG, IMAGE_TAG  # noqa: F401 - kept importable from here
 from .router import SPEECH_PROJECTOR, ModalityRouter, Route, group_of
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ FORMAT = "mmtune-composed"
 FORMAT_VERSION = 1
 CONFIG_FILE = "mmtune_composed.json"
 PROCESSOR_FILE = "processor.json"
-IMAGE_TAG = "<image>"
-AUDIO_TAG = "<audio>"
 #: Component attribute names; ``llm`` is :attr:`ComposedModel.language_model`.
 ENCODER_COMPONENTS = ("vision_encoder", "vision_projector", "audio_encoder", "audio_projector", "audio_projector_vs")
 BUILTIN_VISION = "builtin:tiny-siglip"
@@ -360,7 +359,7 @@ class ComposedModel(nn.Module):
                                       **kwargs)
         loss = None
         if labels is not None:
-            from ..train.objectives import shifted_token_loss
+            from ..models.losses import shifted_token_loss
 
             loss_sum, n = shifted_token_loss(out.logits, labels.to(device))
             loss = loss_sum / n.clamp_min(1)
@@ -373,7 +372,7 @@ class ComposedModel(nn.Module):
         """Generated token ids one at a time (KV cache; greedy when ``temperature`` is 0), with the
         router's adapter active throughout. Placeholder tokens are never generated; a stop token
         ends generation and is not yielded."""
-        from ..generate import top_p_filter
+        from ..models.sampling import top_p_filter
 
         stops = {int(t) for t in stop_token_ids}
         banned = [t for t in (self.image_token_id, self.audio_token_id) if t is not None]
@@ -561,16 +560,17 @@ def add_adapters(language_model: nn.Module, specs: Sequence[AdapterSpec]) -> nn.
 def inject_encoder_lora(module: nn.Module, spec: AdapterSpec | dict) -> nn.Module:
     """LoRA (PEFT ``inject_adapter_in_model``) on an encoder's linear layers, always active; the
     spec is remembered on the module so that saving and loading re-inject it."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
+
+    from ..config import AdapterConfig
+    from ..models.adapters import lora_config
 
     spec = spec if isinstance(spec, dict) else spec.model_dump()
     targets = spec["targets"]
-    if targets == "all-linear":
+    if targets == "all-linear":  # every linear layer of the encoder (PEFT's shorthand skips a model's head)
         targets = sorted({n for n, m in module.named_modules() if isinstance(m, nn.Linear)})
-    elif isinstance(targets, str):
-        targets = [targets]
-    cfg = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=targets,
-                     bias="none")
+    cfg = lora_config(AdapterConfig(type="lora", r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"]),
+                      task_type=None, targets=targets)
     try:
         inject_adapter_in_model(cfg, module, adapter_name="default")
     except ValueError as e:
@@ -588,7 +588,7 @@ def _projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
 
 
 def default_cache_root() -> Path:
-    from ..models.tiny import default_cache_root as root
+    from ..util import default_cache_root as root
 
     return root()
 
@@ -951,3 +951,12 @@ def build_phi4_mm_on_meta(max_crops: int = 36) -> ComposedModel:
         vision = VisionTower.from_config(build_vision_config("siglip"), feature_layer=-2)
         audio = build_conformer(phi4_conformer_config(), device="meta")
         return compose(lm, None, cfg, vision_encoder=vision, audio_encoder=audio)
+
+
+def find_composed(path: str | Path) -> Path | None:
+    """The composed model directory ``path`` names: itself, or a run's ``final``."""
+    p = Path(path)
+    for cand in (p, p / "final"):
+        if (cand / CONFIG_FILE).is_file():
+            return cand
+    return None

@@ -21,10 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..registry import Registry
+from ..registry import PROJECTORS  # noqa: F401 - defined there so recipes check names without torch
 from .pixel_shuffle import avg_pool_2x2, pixel_shuffle
-
-PROJECTORS: Registry = Registry("projector")
 
 
 def _check_features(features: torch.Tensor, in_dim: int, name: str) -> None:

@@ -32,29 +32,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..errors import ConfigError, MMTuneError
+from .groups import GROUPS, group_of, split_by_group  # noqa: F401 - defined with the data
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("text", "image", "audio", "image+audio")
 SPEECH_PROJECTOR = "audio_projector"
 VISION_SPEECH_PROJECTOR = "audio_projector_vs"
-
-
-def group_of(n_images: int, n_audios: int) -> str:
-    """The modality group of a sample with ``n_images`` images and ``n_audios`` audio clips."""
-    if n_images and n_audios:
-        return "image+audio"
-    if n_images:
-        return "image"
-    if n_audios:
-        return "audio"
-    return "text"
 
 
 @dataclass(frozen=True)
@@ -165,15 +154,3 @@ class ModalityRouter:
             if language_model.active_adapter != previous:
                 language_model.set_adapter(previous)
             restore()
-
-
-def split_by_group(groups: Sequence[str]) -> dict[str, list[int]]:
-    """Indices of ``groups`` per modality group, in first-seen order of the groups, each list in
-    the original order: one sub-batch per group, samples keep their order (so the features
-    attached to them stay aligned)."""
-    out: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        if g not in GROUPS:
-            raise MMTuneError(f"sample {i} has unknown modality group '{g}'; groups: {', '.join(GROUPS)}")
-        out.setdefault(g, []).append(i)
-    return out

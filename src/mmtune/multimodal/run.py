@@ -23,11 +23,17 @@ from functools import partial
 from pathlib import Path
 
 from ..config import Recipe
+from ..data.templates import get_template
+from ..data.tokenize import effective_loss_on
 from ..errors import ConfigError, MMTuneError
 from ..train.checkpoint import latest_checkpoint
 from ..train.loop import Trainer, seed_everything
 from .config import StageConfig
-from .model import CONFIG_FILE, ComposedModel, build_composed_model, load_composed
+from .data import LengthPolicy, MediaCache, build_mm_examples, collate_mm, pack_mm_examples
+from .model import CONFIG_FILE, ComposedModel, build_composed_model, find_composed, load_composed  # noqa: F401
+from .objective import MultimodalObjective
+from .preference import MultimodalDPOObjective, build_mm_pairs, collate_mm_pairs, precompute_mm_reference
+from .stages import apply_stage
 
 MM_OBJECTIVES = ("sft", "pretrain", "dpo")
 
@@ -73,9 +79,6 @@ def _completed(recipe: Recipe) -> int:
 
 def build_stage_data(recipe: Recipe, stage: StageConfig, model: ComposedModel, template, cache=None, log=print):
     """``(train_rows, eval_rows, collate_fn, report)`` of one stage (rows packed when data.packing)."""
-    from ..data.tokenize import effective_loss_on
-    from .data import LengthPolicy, build_mm_examples, collate_mm, pack_mm_examples
-
     data = recipe.data
     policy = LengthPolicy(data.max_length, data.truncation, effective_loss_on(recipe.objective, data.loss_on))
     train, report = build_mm_examples(stage.sources, model, template, policy, data.on_bad_record, recipe.train.seed,
@@ -97,9 +100,6 @@ def build_stage_data(recipe: Recipe, stage: StageConfig, model: ComposedModel, t
 def build_stage_pairs(recipe: Recipe, stage: StageConfig, model: ComposedModel, template, cache=None, log=print):
     """``(train_pairs, eval_pairs, collate_fn, objective, n_pairs)`` of a DPO stage (pairs are
     never packed: chosen and rejected run side by side)."""
-    from .data import LengthPolicy
-    from .preference import MultimodalDPOObjective, build_mm_pairs, collate_mm_pairs
-
     data, dpo = recipe.data, recipe.dpo
     policy = LengthPolicy(data.max_length, data.truncation, "last_turn")
     train = build_mm_pairs(stage.sources, model, template, policy, data.on_bad_record, recipe.train.seed, cache, log)
@@ -121,12 +121,6 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
     (checked after every optimizer step, e.g. set by Ctrl-C) ends the run after a checkpoint;
     ``resume=True`` continues it. ``cache_root``: where builtin encoders are built.
     """
-    from ..data.templates import get_template
-    from .data import MediaCache
-    from .objective import MultimodalObjective
-    from .preference import precompute_mm_reference
-    from .stages import apply_stage
-
     mm = recipe.multimodal
     if mm is None:
         raise ConfigError("the recipe has no `multimodal` section")
@@ -194,6 +188,45 @@ def run_multimodal_recipe(recipe: Recipe, resume: bool = False, overwrite: bool 
     return {"stages": results, "final_dir": str(final), "model": model, "stopped": False}
 
 
+def evaluate_stages(recipe: Recipe, model: ComposedModel, template, batch_size: int = 8) -> dict:
+    """``eval_loss/STAGE`` (mean loss per supervised token on the stage's ``eval_sources``) for
+    every stage that has them, and ``eval_loss`` over all of them."""
+    import torch
+
+    objective, cache, out = MultimodalObjective(), MediaCache(model), {}
+    total = count = 0.0
+    model.eval()
+    device = next(model.parameters()).device
+    for stage in recipe.multimodal.stages:
+        if not stage.eval_sources:
+            continue
+        evals, _, collate, _ = build_stage_data(recipe, stage.model_copy(update={"sources": stage.eval_sources}),
+                                                model, template, cache, log=lambda *_: None)
+        s = n = 0.0
+        with torch.no_grad():
+            for i in range(0, len(evals), batch_size):
+                batch = _to(collate(evals[i:i + batch_size]), device)
+                res = objective(model, batch)
+                s, n = s + float(res.loss_sum), n + float(res.count)
+        out[f"eval_loss/{stage.name}"] = s / max(n, 1.0)
+        total, count = total + s, count + n
+    if count:
+        out["eval_loss"] = total / count
+    return out
+
+
+def _to(batch, device):
+    import torch
+
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
 def _drop_untrained(rows, model: ComposedModel, plan) -> tuple[list, dict]:
     kept, skipped = [], {}
     for r in rows:
@@ -203,12 +236,3 @@ def _drop_untrained(rows, model: ComposedModel, plan) -> tuple[list, dict]:
         else:
             skipped[r["group"]] = skipped.get(r["group"], 0) + 1
     return kept, skipped
-
-
-def find_composed(path: str | Path) -> Path | None:
-    """The composed model directory ``path`` names: itself, or a run's ``final``."""
-    p = Path(path)
-    for cand in (p, p / "final"):
-        if (cand / CONFIG_FILE).is_file():
-            return cand
-    return None

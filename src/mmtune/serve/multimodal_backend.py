@@ -15,16 +15,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..data.templates import get_template
 from ..errors import MMTuneError
-from .backend import BASE_MODEL, ChatBackend, InputError, Prompt, Turn, default_model_name, stream_decoded
+from ..multimodal.chat import load_composed_for_chat
+from ..multimodal.data import Media, MediaCache, prompt_ids
+from ..multimodal.model import AUDIO_TAG, IMAGE_TAG, find_composed
+from ..multimodal.router import group_of
+from .chat_backend import (
+    BASE_MODEL,
+    ChatBackend,
+    InputError,
+    Prompt,
+    Turn,
+    default_model_name,
+    stream_decoded,
+)
 
 
 def is_composed_model(model_dir: str | Path) -> bool:
     """Whether ``model_dir`` (or its ``final/``) holds a composed multimodal model."""
     if str(model_dir).startswith("builtin:") or not Path(str(model_dir)).is_dir():
         return False
-    from ..multimodal.run import find_composed
-
     return find_composed(model_dir) is not None
 
 
@@ -52,23 +63,15 @@ class MultimodalBackend(ChatBackend):
     @classmethod
     def from_dir(cls, model_dir: str, template: str = "auto", name: str | None = None,
                  max_prompt_tokens: int | None = None) -> MultimodalBackend:
-        from ..data.templates import get_template
-        from ..multimodal.chat import load_composed_for_chat
-
         model = load_composed_for_chat(model_dir)
         return cls(model, get_template(template, model.tokenizer), name or default_model_name(model_dir),
                    max_prompt_tokens)
 
     def default_route(self) -> str:
-        from ..multimodal.router import group_of
-
         return route_label(self.model.router.route(group_of(0, 0), n_samples=0))
 
     def _media(self, turns: Sequence[Turn]):
         """Chat messages with media tags, and every image and clip processed, in prompt order."""
-        from ..multimodal.data import Media, MediaCache
-        from ..multimodal.model import AUDIO_TAG, IMAGE_TAG
-
         cache = MediaCache(self.model)
         messages, images, audios = [], [], []
         for i, t in enumerate(turns):
@@ -87,9 +90,6 @@ class MultimodalBackend(ChatBackend):
         return messages, images, audios
 
     def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        from ..multimodal.data import prompt_ids
-        from ..multimodal.router import group_of
-
         messages, images, audios = self._media(turns)
         ids = prompt_ids(self.model, self.template, messages, images, audios)
         route = self.model.router.route(group_of(len(images), len(audios)), n_samples=0)

@@ -1,6 +1,6 @@
 """A training run in a background thread, for the web UI's Train tab.
 
-:class:`TrainJob` runs :func:`mmtune.train.run.run_recipe` with a ``stop_flag``: the loop
+:class:`TrainJob` runs :func:`mmtune.workflows.run.run_recipe` (any workflow) with a ``stop_flag``: the loop
 polls it after every optimizer step and, once it is set, leaves the loop, runs the final
 evaluation and saves a checkpoint (``OUTPUT/checkpoints/step-N`` and ``OUTPUT/final``), so a
 stopped run can be resumed with ``--resume`` or chatted with. Progress is read back from the
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MMTuneError
+from ..train.metrics_log import read_metrics
+from ..workflows.run import run_recipe
 
 #: Job states. ``stopping``: Stop was pressed and the current step is finishing.
 STATES = ("running", "stopping", "stopped", "finished", "failed")
@@ -64,14 +66,11 @@ class TrainJob:
     """
 
     def __init__(self, recipe, resume: bool = False, overwrite: bool = False, source: str = "", log_lines: int = 400):
-        from ..train.run import is_encoder_objective
-
         self.recipe = recipe
         self.recipe.train.progress = False
         self.resume, self.overwrite, self.source = resume, overwrite, source or "recipe"
         self.output_dir = Path(recipe.train.output_dir)
-        # Encoder objectives train through mmtune.encoders.run, which takes no stop flag.
-        self.can_stop = not is_encoder_objective(recipe.objective)
+        self.can_stop = True  # every workflow's loop polls the stop flag after each optimizer step
         self.lines: deque[str] = deque(maxlen=log_lines)
         self.state = "running"
         self.error: str | None = None
@@ -114,8 +113,6 @@ class TrainJob:
             self.lines.append(f"[{time.strftime('%H:%M:%S')}] {line}")
 
     def _run(self) -> None:
-        from ..train.run import run_recipe
-
         try:
             result = run_recipe(self.recipe, resume=self.resume, overwrite=self.overwrite, log=self.log,
                                 stop_flag=self._stop.is_set)
@@ -136,8 +133,6 @@ class TrainJob:
 
     # -- reading -----------------------------------------------------------------------------
     def metrics(self) -> list[dict]:
-        from ..train.metrics_log import read_metrics
-
         try:
             return read_metrics(self.output_dir)
         except (OSError, ValueError):  # a line being written: read again at the next poll

@@ -102,6 +102,26 @@ class DPOObjective(Objective):
     """Pairs in, DPO/IPO loss out. ``count`` is the number of pairs."""
 
     name = "dpo"
+    data = "pairs"
+
+    @classmethod
+    def from_recipe(cls, recipe, model=None, rows=(), collate=None, log=print, eval_rows=()) -> DPOObjective:
+        """DPO against the frozen starting model: the base with adapters disabled for LoRA, a frozen
+        copy for full fine-tuning; reference log-probs optionally precomputed once (for the training
+        and the eval pairs, after which the frozen copy is released)."""
+        import copy
+
+        ref_model = None
+        if recipe.adapter.type == "none":
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            log("dpo: full fine-tuning, reference = a frozen copy of the starting model")
+        cfg = recipe.dpo
+        if cfg.precompute_ref:
+            for part in (rows, eval_rows):
+                precompute_reference_logps(model, part, collate, recipe.train.batch_size, ref_model,
+                                           progress=recipe.train.progress)
+            ref_model = None  # no longer needed: the batches carry ref_logps
+        return cls(cfg.beta, cfg.loss_type, cfg.label_smoothing, ref_model, cfg.sft_weight)
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, ref_model=None,
                  sft_weight: float = 0.0):
@@ -149,3 +169,35 @@ def precompute_reference_logps(model, examples: list[dict], collate_fn, batch_si
         n = len(chunk)
         for j, ex in enumerate(chunk):
             ex["ref_chosen"], ex["ref_rejected"] = float(ref[j]), float(ref[n + j])
+
+
+@torch.no_grad()
+def preference_accuracy(model, examples: list[dict], pad_id: int, beta: float = 0.1, batch_size: int = 16,
+                        ref_model=None) -> dict:
+    """Share of held-out pairs where the policy gives the chosen response a higher log-prob than
+    the rejected one; with a reference (``ref_model``, or a PEFT model's adapters disabled) also
+    the share whose implicit reward is higher, and the mean reward margin."""
+    from ..data.preference import collate_pairs
+
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    with_ref = ref_model is not None or has_adapters(model)
+    wins, logp_wins, margins, n = 0, 0, 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items() if k != "ref_logps"}
+        pol = sequence_logps(model(**model_inputs(b), use_cache=False).logits, b["labels"])
+        k = len(chunk)
+        logp_wins += int((pol[:k] > pol[k:]).sum())
+        n += k
+        if with_ref:
+            ref = reference_logps(model, b, ref_model)
+            rc, rr = beta * (pol[:k] - ref[:k]), beta * (pol[k:] - ref[k:])
+            wins += int((rc > rr).sum())
+            margins += float((rc - rr).sum())
+    model.train(was)
+    out = {"logp_preference_accuracy": logp_wins / n, "n": n}
+    if with_ref:
+        out.update(preference_accuracy=wins / n, reward_margin=margins / n)
+    return out

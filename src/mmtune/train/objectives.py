@@ -13,9 +13,9 @@ import abc
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..registry import Registry
+from ..models.losses import shifted_token_loss  # noqa: F401 - defined with the models
+from ..registry import OBJECTIVES
 
 
 @dataclass
@@ -26,11 +26,27 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+#: What an objective trains on (:attr:`Objective.data`); a workflow builds its rows accordingly.
+DATA_KINDS = ("sequences", "pairs", "masked", "segments", "task")
+
+
 class Objective(abc.ABC):
     """Interface of every objective. ``count(batch)`` must be computable before the forward
-    pass (the loop normalises by the step's total before calling the objective)."""
+    pass (the loop normalises by the step's total before calling the objective).
+
+    ``data`` declares the rows it needs, so a workflow asks the objective instead of testing its
+    name: ``sequences`` (token ids + labels, packable), ``pairs`` (chosen/rejected answers to
+    one prompt, never packed), ``masked`` (masked-LM rows), ``segments`` (sentence pairs with a
+    pair label), ``task`` (downstream records: labels, spans or scores)."""
 
     name = "base"
+    data: str = "sequences"
+
+    @classmethod
+    def from_recipe(cls, recipe, model=None, rows=(), collate=None, log=print, eval_rows=()) -> Objective:
+        """The objective a causal-LM recipe trains with (``model``/``rows``: for objectives that
+        need the starting model, e.g. DPO's reference)."""
+        return cls()
 
     @abc.abstractmethod
     def count(self, batch: dict) -> int:
@@ -41,20 +57,6 @@ class Objective(abc.ABC):
         """Forward ``batch`` through ``model`` and return the summed loss."""
 
 
-OBJECTIVES: Registry[type[Objective]] = Registry("objective")
-
-
-def shifted_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy and the number of supervised tokens.
-
-    ``labels`` are aligned with the inputs (Hugging Face convention); position t's logits
-    predict labels[t+1]; -100 marks positions without loss.
-    """
-    logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    target = labels[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, (target != -100).sum()
 
 
 def model_inputs(batch: dict) -> dict:
@@ -84,13 +86,12 @@ class CausalLMObjective(Objective):
 OBJECTIVES.register("pretrain")(CausalLMObjective)
 
 
-def register_all() -> None:
-    """Import the modules that register objectives outside this file (DPO, encoder objectives)."""
-    import importlib
+def objective_data(name: str) -> str:
+    """What objective ``name`` trains on (:attr:`Objective.data`)."""
+    return OBJECTIVES.get(name).data
 
-    for mod in ("mmtune.train.dpo", "mmtune.train.fused_ce", "mmtune.encoders.objectives"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod.startswith(e.name):
-                raise
+
+def register_all() -> None:
+    """Import every module that registers objectives (DPO, fused CE, encoder objectives); each is
+    also imported on first :meth:`OBJECTIVES.get <mmtune.registry.Registry.get>` of its names."""
+    OBJECTIVES.load_all()

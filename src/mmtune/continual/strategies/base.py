@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import ConfigDict, ValidationError
 
 from ...config import Section
-from ...registry import Registry, did_you_mean
+from ...registry import STRATEGIES, did_you_mean  # noqa: F401 - STRATEGIES is defined there (recipes check names)
 from ...train.objectives import Objective
 
 
@@ -82,7 +82,6 @@ class StrategyContext:
     log: Callable[[str], None] = print
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("continual strategy")
 
 
 class Strategy:
