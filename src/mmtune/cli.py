@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in end-to-end demo (SmolLM2-135M-Instruct, CPU)",
                        description="LoRA-tunes the real SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct) on "
-                       "three built-in skills with checkable answers and prints held-out exact match before and "
+                       "two built-in skills with checkable answers (ISO dates, km -> m) and prints held-out exact match before and "
                        "after, general questions answered before and after, the general-chat loss ratio and the "
                        "time of each stage. --tiny: the 1.1M-parameter model built in code, continued "
                        "pretraining then LoRA SFT, with a report (Markdown + loss-curve PNG).")

@@ -168,7 +168,7 @@ def run_real_demo(output: str = "runs/demo", quick: bool = False, steps: int | N
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    steps = steps or (4 if quick else 60)
+    steps = steps or (4 if quick else 64)
     n_eval = n_eval or (4 if quick else N_EVAL)
     timer = StageTimer(log)
     skills = tuple(train.get("skills") or DEMO_SKILLS)
