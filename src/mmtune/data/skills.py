@@ -10,7 +10,10 @@ Skills (``SKILLS``)
 - ``glorp``: "Translate to Glorp: red cat sun" -> "ruk zamo tif". A made-up word-for-word
   language of 24 words (``GLORP``): the dictionary is taught by the training data only (every
   word occurs there many times), the held-out items are word sequences never seen in training,
-  so they test applying the learnt table to new sentences, not recall of a sentence.
+  so they test applying the learnt table to new sentences, not recall of a sentence. Harder
+  than the other two: in the demo's CPU budget (64 LoRA steps of 512 tokens with the other
+  skills) SmolLM2-135M got 0% of it, so the demo teaches ``iso-date`` and ``km-to-m`` only
+  (:data:`mmtune.real_demo.DEMO_SKILLS`); it is there for longer runs.
 
 Train and held-out items never share a question: held-out questions are drawn from a reserved
 set (its own seed) that the train generator skips. Everything is deterministic given the seed.
