@@ -60,6 +60,7 @@ def test_answer_loss_is_the_token_weighted_loss_of_the_answers(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 8 min on 2 idle threads, over 15 on one shared core
 def test_real_demo_learns_the_skills_and_keeps_general_ability(tmp_path):
     """The full `mmtune demo` on SmolLM2-135M-Instruct. Floors from the measured run (README):
     held-out exact match <10% before and >=90% after over the skills' 120 items, general-chat loss
