@@ -11,7 +11,13 @@ from collections import Counter
 import pytest
 
 from mmtune.data.builtin import builtin_names, builtin_records
-from mmtune.data.general import GENERAL_CHAT_PROMPTS, GENERAL_QUESTIONS, general_chat_records, keyword_hit
+from mmtune.data.general import (
+    GENERAL_CHAT_PROMPTS,
+    GENERAL_QUESTIONS,
+    GENERAL_REPLAY_PROMPTS,
+    general_chat_records,
+    keyword_hit,
+)
 from mmtune.data.skills import GLORP, N_RESERVED, SKILLS, reserved_questions, skill_items, skill_mix
 
 
@@ -102,8 +108,12 @@ def test_general_sets_are_disjoint_from_each_other_and_from_the_skills():
     questions = [q for q, _ in GENERAL_QUESTIONS]
     assert len(set(questions)) == len(questions) and len(set(GENERAL_CHAT_PROMPTS)) == len(GENERAL_CHAT_PROMPTS)
     assert not set(questions) & set(GENERAL_CHAT_PROMPTS)
+    # the replay prompts (trained on) share nothing with either held-out general set
+    assert len(set(GENERAL_REPLAY_PROMPTS)) == len(GENERAL_REPLAY_PROMPTS)
+    assert not set(GENERAL_REPLAY_PROMPTS) & (set(questions) | set(GENERAL_CHAT_PROMPTS))
     skill_words = ("ISO date", "km to metres", "Glorp")
-    assert not [p for p in (*questions, *GENERAL_CHAT_PROMPTS) if any(w in p for w in skill_words)]
+    everything = (*questions, *GENERAL_CHAT_PROMPTS, *GENERAL_REPLAY_PROMPTS)
+    assert not [p for p in everything if any(w in p for w in skill_words)]
     assert all(k for _, k in GENERAL_QUESTIONS)
     recs = general_chat_records([f"answer {i}" for i in range(len(GENERAL_CHAT_PROMPTS))])
     assert recs[3]["messages"] == [{"role": "user", "content": GENERAL_CHAT_PROMPTS[3]},
