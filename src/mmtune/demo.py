@@ -16,10 +16,32 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import validate_recipe
 from .data.builtin import TASKS, builtin_records
+
+
+class StageTimer:
+    """Wall time of named stages, logged as each one ends."""
+
+    def __init__(self, log=print):
+        self.log, self.times, self.t0 = log, {}, time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.times[name] = time.perf_counter() - t
+        self.log(f"  [{name}: {self.times[name]:.1f} s]")
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def table(self) -> str:
+        rows = [f"| {k} | {v:.1f} |" for k, v in self.times.items()]
+        return "\n".join(["| stage | seconds |", "|---|---|", *rows, f"| **total** | {self.total():.1f} |"])
 
 
 def stage_recipe(objective: str, model_path: str, out: Path, **over):
@@ -75,29 +97,32 @@ def run_demo(output: str = "runs/demo", quick: bool = False, log=print) -> dict:
     from .models.tiny import PRETRAIN_STEPS, ensure_tiny
     from .train.run import run_recipe
 
-    t0 = time.time()
+    timer = StageTimer(log)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     pre_steps, sft_steps = (8, 8) if quick else (PRETRAIN_STEPS, 400)
     log("[1/4] building the tiny built-in model (cached after the first run)")
-    base = ensure_tiny()
-    eval_records = builtin_records("instruct-eval")
-    if quick:
-        eval_records = [r for t in TASKS for r in [x for x in eval_records if x["task"] == t][:4]]
-    scores = {"random init": _evaluate(base, eval_records)}
+    with timer.stage("build model + eval"):
+        base = ensure_tiny()
+        eval_records = builtin_records("instruct-eval")
+        if quick:
+            eval_records = [r for t in TASKS for r in [x for x in eval_records if x["task"] == t][:4]]
+        scores = {"random init": _evaluate(base, eval_records)}
 
     log(f"[2/4] continued pretraining on the built-in corpus ({pre_steps} steps, full weights)")
-    pre = stage_recipe("pretrain", str(base), out / "pretrain", train={"max_steps": pre_steps})
-    run_recipe(pre, overwrite=True, log=log)
-    pretrained = export_checkpoint(out / "pretrain" / "final", out / "pretrained-model")
-    scores["after pretraining"] = _evaluate(pretrained, eval_records)
+    with timer.stage("continued pretraining + eval"):
+        pre = stage_recipe("pretrain", str(base), out / "pretrain", train={"max_steps": pre_steps})
+        run_recipe(pre, overwrite=True, log=log)
+        pretrained = export_checkpoint(out / "pretrain" / "final", out / "pretrained-model")
+        scores["after pretraining"] = _evaluate(pretrained, eval_records)
 
     log(f"[3/4] LoRA SFT on built-in tasks ({sft_steps} steps)")
-    sft = stage_recipe("sft", str(pretrained), out / "sft", train={"max_steps": sft_steps},
-                       data={"eval_sources": [{"path": "builtin:instruct-cot-eval"}]})
-    sft.train.eval_prompts = ["What is 3 + 4?", "Reverse the words: sun moon star"]
-    run_recipe(sft, overwrite=True, log=log)
-    scores["after LoRA SFT"] = _evaluate(out / "sft" / "final", eval_records)
+    with timer.stage("LoRA SFT + eval"):
+        sft = stage_recipe("sft", str(pretrained), out / "sft", train={"max_steps": sft_steps},
+                           data={"eval_sources": [{"path": "builtin:instruct-cot-eval"}]})
+        sft.train.eval_prompts = ["What is 3 + 4?", "Reverse the words: sun moon star"]
+        run_recipe(sft, overwrite=True, log=log)
+        scores["after LoRA SFT"] = _evaluate(out / "sft" / "final", eval_records)
 
     log("[4/4] report")
     _loss_plot({"continued pretraining": out / "pretrain", "LoRA SFT": out / "sft"}, out / "loss_curves.png")
@@ -108,18 +133,18 @@ def run_demo(output: str = "runs/demo", quick: bool = False, log=print) -> dict:
         key = f"exact_match/{t}" if t else "exact_match"
         lines.append(f"| {t or '**all**'} | " + " | ".join(f"{scores[c].get(key, 0.0):.1%}" for c in cols) + " |")
     table = "\n".join(lines)
-    minutes = (time.time() - t0) / 60
+    minutes = timer.total() / 60
     examples = "\n".join(f"- `{e['prompt']}` -> `{e['answer']}` (reference `{e['reference']}`)"
                          for e in scores["after LoRA SFT"]["examples"])
     report = (f"# mmtune demo report\n\nHeld-out exact-match accuracy ({scores['after LoRA SFT']['n']} items; addition "
               f"is answered step by step and scored on the final answer; the capital questions ask about "
               f"countries seen only in the pretraining corpus).\n\n{table}\n\n"
               f"![loss curves](loss_curves.png)\n\nSample answers after SFT:\n\n{examples}\n\n"
-              f"Total time: {minutes:.1f} min.\n\nChat with the result:\n\n    mmtune chat {out / 'sft' / 'final'}\n")
+              f"Time of each stage:\n\n{timer.table()}\n\nChat with the result:\n\n    mmtune chat {out / 'sft' / 'final'}\n")
     (out / "report.md").write_text(report)
     (out / "scores.json").write_text(json.dumps({c: {k: v for k, v in s.items() if k != "examples"}
                                                  for c, s in scores.items()}, indent=1))
-    log("\n" + table + "\n")
+    log("\n" + table + "\n\n" + timer.table() + "\n")
     log(f"report: {out / 'report.md'}  ({minutes:.1f} min)")
     log(f"chat with the result:  mmtune chat {out / 'sft' / 'final'}")
     return scores

@@ -153,7 +153,9 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
     as plain text), ``instruct`` / ``instruct-eval`` (all tasks),
     ``TASK`` / ``TASK-eval`` for one task (add, reverse, capital), ``prefs`` / ``prefs-eval``
     (preference pairs), ``cot-add`` / ``cot-add-eval`` (addition with a rationale),
-    ``instruct-cot`` / ``instruct-cot-eval`` (all tasks, addition with a rationale).
+    ``instruct-cot`` / ``instruct-cot-eval`` (all tasks, addition with a rationale),
+    ``skills`` / ``skills-eval`` and ``SKILL`` / ``SKILL-eval`` (the real-model demo's skills,
+    :mod:`mmtune.data.skills`: 400 train / 100 held-out items per skill).
     """
     if name == "corpus":
         return [{"text": d} for d in corpus(seed=seed)]
@@ -175,9 +177,17 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
         return instruction_mix(split, n, seed)
     if base in TASKS:
         return task_items(base, split, n, seed)
+    from .skills import SKILLS, skill_items, skill_mix
+
+    if base == "skills":
+        return skill_mix(split, 400 if split == "train" else 100, seed)
+    if base in SKILLS:
+        return skill_items(base, split, 400 if split == "train" else 100, seed)
     raise ValueError(f"unknown built-in dataset {name!r}; valid: {', '.join(builtin_names())}")
 
 
 def builtin_names() -> list[str]:
-    names = ["instruct", "instruct-cot", "prefs", "cot-add", *TASKS]
+    from .skills import SKILLS
+
+    names = ["instruct", "instruct-cot", "prefs", "cot-add", *TASKS, "skills", *SKILLS]
     return ["corpus", "instruct-text"] + [v for n in names for v in (n, f"{n}-eval")]
