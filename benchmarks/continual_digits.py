@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from mmtune.continual.sweep import parse_strategies, run_sweep, table
+from mmtune.continual.sweep import parse_strategies, table  # noqa: E402
+from mmtune.continual.sweep_report import run_sweep
 
 DEFAULTS = {
     "class": "naive,joint,ewc,online_ewc,lwf,feature_kd,zscl,replay,derpp,agem,gem,replay+lwf,replay+ewc,olora,l2p",

@@ -51,7 +51,9 @@ LAYER_OF = {
     "mmtune.generate": "inference", "mmtune.chat": "inference", "mmtune.evaluation": "workflows",
     "mmtune.multimodal.chat": "inference", "mmtune.export": "models",
     "mmtune.cli": "app", "mmtune.serve": "app", "mmtune.demo": "app", "mmtune.multimodal.demo": "app",
-    "mmtune.pretrained": "app",
+    "mmtune.pretrained": "app", "mmtune.real_demo": "app", "mmtune.export_gguf": "models",
+    "mmtune.multimodal.tasks": "train", "mmtune.continual.sweep_report": "workflows",
+    "mmtune.data.check": "workflows",
 }
 
 #: Old import paths kept working: a module-level ``__getattr__`` that imports the moved name from

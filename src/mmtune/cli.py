@@ -398,7 +398,8 @@ def _cmd_continual(args) -> int:
 
 def _cmd_continual_sweep(args) -> int:
     from .config import load_recipe
-    from .continual.sweep import parse_strategies, run_sweep, table
+    from .continual.sweep import parse_strategies, table
+    from .continual.sweep_report import run_sweep
 
     if not args.overrides:
         raise MMTuneError("mmtune continual sweep: give a recipe, e.g. "

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mmtune.cli import main
-from mmtune.continual.sweep import paired_difference, parse_strategies, run_sweep
+from mmtune.continual.sweep import paired_difference, parse_strategies
+from mmtune.continual.sweep_report import run_sweep
 
 TINY = ['continual.tasks=[{name: a, source: "digits:0,1"}, {name: b, source: "digits:2,3"}]', "train.max_steps=4"]
 

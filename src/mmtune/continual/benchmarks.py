@@ -333,7 +333,7 @@ class TextBenchmark(Benchmark):
 
     @torch.no_grad()
     def evaluate_probes(self, model) -> list[float]:
-        from ..evaluation import greedy_answers, normalize_answer
+        from ..train.scoring import greedy_answers, normalize_answer
         from .general import key_hit
 
         out = []
@@ -415,18 +415,5 @@ class TextBenchmark(Benchmark):
 
 def _prompt_key(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages)
-
-
-def build_benchmark(recipe) -> Benchmark:
-    cc: ContinualConfig = recipe.continual
-    if cc.benchmark == "digits":
-        return DigitsBenchmark(cc)
-    if cc.benchmark == "text":
-        return TextBenchmark(recipe, cc)
-    if cc.benchmark == "multimodal":
-        from .multimodal import MultimodalBenchmark
-
-        return MultimodalBenchmark(recipe, cc)
-    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text, multimodal")
 
 

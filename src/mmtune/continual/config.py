@@ -124,9 +124,8 @@ class StrategyConfig(Section):
             if name not in STRATEGIES:
                 raise ValueError(f"unknown strategy '{name}'; valid: {', '.join(valid)}.{did_you_mean(name, valid)}")
         if len(self.names) > 1:
-            from .strategies.compose import check_composable
-
-            check_composable([STRATEGIES.get(n) for n in self.names])
+            classes = [STRATEGIES.get(n) for n in self.names]
+            classes[0].check_composable(classes)
         for name, values in self.settings.items():
             STRATEGIES.get(name).parse_settings(values)  # raises ValueError naming the key
         return self

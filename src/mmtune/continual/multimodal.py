@@ -135,7 +135,7 @@ class MultimodalBenchmark(Benchmark):
 
     @staticmethod
     def _jsonl(root: Path, kind: str, n: int, seed: int) -> Path:
-        from ..multimodal.demo import make_demo_data
+        from ..multimodal.tasks import make_demo_data
 
         sizes = [1, 1, 1, 1, 1]
         sizes[MM_TASKS[kind][0]] = n
@@ -151,7 +151,7 @@ class MultimodalBenchmark(Benchmark):
         return [{**r, "task": tid} for r in rows]
 
     def _eval_items(self, model, cache, root: Path, kind: str, n: int, seed: int, tid: int) -> list[dict]:
-        from ..multimodal.demo import load_eval_items
+        from ..multimodal.tasks import load_eval_items
 
         items = load_eval_items(self._jsonl(root, kind, n, seed), model, cache, kind)[:n]
         return [{**it, "task": tid} for it in items]
@@ -177,7 +177,7 @@ class MultimodalBenchmark(Benchmark):
             p.requires_grad_(p.is_floating_point() and (mine or (n.startswith("language_model.") and lm)))
 
     def evaluate(self, model, task: TaskData, batch_size: int) -> float:
-        from ..multimodal.demo import exact_match_items, token_accuracy_items
+        from ..multimodal.tasks import exact_match_items, token_accuracy_items
 
         with eval_mode(model), torch.no_grad():
             if task.metric == "token_accuracy":

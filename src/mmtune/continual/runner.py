@@ -36,8 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, MMTuneError
 from ..train.loop import Trainer, seed_everything
-from .benchmarks import Benchmark, TaskData, build_benchmark
+from .benchmarks import Benchmark, DigitsBenchmark, TaskData, TextBenchmark
+from .config import ContinualConfig
 from .metrics import load_reference, summarize
+from .multimodal import MultimodalBenchmark
 from .optimizer_state import load_param_states, param_states
 from .strategies import STRATEGIES
 from .strategies.base import Strategy, StrategyContext, isolated_rng
@@ -161,6 +163,17 @@ def _diff_keys(a, b, prefix="") -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # The run
+
+
+def build_benchmark(recipe) -> Benchmark:
+    cc: ContinualConfig = recipe.continual
+    if cc.benchmark == "digits":
+        return DigitsBenchmark(cc)
+    if cc.benchmark == "text":
+        return TextBenchmark(recipe, cc)
+    if cc.benchmark == "multimodal":
+        return MultimodalBenchmark(recipe, cc)
+    raise ConfigError(f"continual.benchmark = {cc.benchmark!r}; valid: digits, text, multimodal")
 
 
 def build_strategy(recipe, bench: Benchmark, device: torch.device, work_dir: Path, log=print) -> Strategy:

@@ -3,7 +3,7 @@
 
 :func:`compare` runs one recipe (a shipped name, a path, or a dict) once per strategy and seed,
 with the per-run report files off, and returns per-run metrics; :func:`table` formats means and
-standard deviations (population std over seeds) as a Markdown table; :func:`run_sweep` does both
+standard deviations (population std over seeds) as a Markdown table; :func:`mmtune.continual.sweep_report.run_sweep` does both
 and writes one report (:mod:`mmtune.continual.sweep_report`). A strategy is a name or a
 composition ``replay+lwf``; each takes its settings from the recipe's
 ``continual.strategy.settings`` table.
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..config import apply_overrides, load_yaml, resolve_recipe_path, validate_recipe
+from ..config import load_yaml, resolve_recipe_path, validate_recipe
 from .config import StrategyConfig
 from .runner import run_continual
 
@@ -125,32 +125,3 @@ def parse_strategies(text: str) -> list[str]:
 
         raise ConfigError("--strategies: give at least one strategy, e.g. --strategies naive,replay,replay+lwf")
     return names
-
-
-def run_sweep(recipe: str | Path | dict, strategies: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
-              overrides: Sequence[str] = (), scenario: str | None = None,
-              edit: Callable[[dict, str], None] | None = None, title: str | None = None, log=print) -> dict:
-    """Run every strategy for every seed and write the sweep report into ``out_dir`` (runs in
-    ``out_dir/runs``). Returns the per-run results and the report's paths."""
-    from .sweep_report import write_sweep_report
-
-    data = apply_overrides(recipe_data(recipe), list(overrides))
-    validate_recipe(copy.deepcopy(data), str(recipe))  # a bad key fails before the first run
-    for name in strategies:  # and so does an unknown strategy or a bad composition
-        probe = copy.deepcopy(data)
-        strat = probe["continual"].get("strategy")
-        probe["continual"]["strategy"] = {**(StrategyConfig.from_list(strat) if isinstance(strat, list)
-                                             else strat or {}), "name": name}
-        validate_recipe(probe, f"--strategies {name}")
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    results = compare(data, strategies, seeds, scenario=scenario, edit=edit, out_dir=out / "runs", log=log)
-    seconds = time.perf_counter() - t0
-    cc = validate_recipe(copy.deepcopy(data), str(recipe)).continual
-    meta = {"recipe": str(recipe) if not isinstance(recipe, dict) else "<dict>", "overrides": list(overrides),
-            "scenario": scenario or cc.scenario, "benchmark": cc.benchmark, "seeds": list(seeds),
-            "strategies": list(strategies), "seconds": seconds,
-            "title": title or f"{recipe if not isinstance(recipe, dict) else 'recipe'}: "
-                              f"{scenario or cc.scenario}-incremental, {len(list(seeds))} seed{'s' * (len(list(seeds)) != 1)}"}
-    paths = write_sweep_report(out, results, meta)
-    return {"results": results, "report": paths, "meta": meta}

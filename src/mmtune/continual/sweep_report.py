@@ -14,15 +14,20 @@ Files written into the sweep's output directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..config import apply_overrides, validate_recipe
+from .config import StrategyConfig
 from .report import _plt
-from .sweep import diagonal, mean_std, paired_difference, table
+from .sweep import compare, diagonal, mean_std, paired_difference, recipe_data, table
 
 
 def _mean_matrix(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -152,3 +157,30 @@ def write_sweep_report(out_dir: str | Path, results: dict[str, list[dict]], meta
     paths["markdown"].write_text(markdown(results, meta), encoding="utf-8")
     paths["json"].write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str), encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}
+
+
+def run_sweep(recipe: str | Path | dict, strategies: Sequence[str], seeds: Sequence[int], out_dir: str | Path, *,
+              overrides: Sequence[str] = (), scenario: str | None = None,
+              edit: Callable[[dict, str], None] | None = None, title: str | None = None, log=print) -> dict:
+    """Run every strategy for every seed and write the sweep report into ``out_dir`` (runs in
+    ``out_dir/runs``). Returns the per-run results and the report's paths."""
+    data = apply_overrides(recipe_data(recipe), list(overrides))
+    validate_recipe(copy.deepcopy(data), str(recipe))  # a bad key fails before the first run
+    for name in strategies:  # and so does an unknown strategy or a bad composition
+        probe = copy.deepcopy(data)
+        strat = probe["continual"].get("strategy")
+        probe["continual"]["strategy"] = {**(StrategyConfig.from_list(strat) if isinstance(strat, list)
+                                             else strat or {}), "name": name}
+        validate_recipe(probe, f"--strategies {name}")
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    results = compare(data, strategies, seeds, scenario=scenario, edit=edit, out_dir=out / "runs", log=log)
+    seconds = time.perf_counter() - t0
+    cc = validate_recipe(copy.deepcopy(data), str(recipe)).continual
+    meta = {"recipe": str(recipe) if not isinstance(recipe, dict) else "<dict>", "overrides": list(overrides),
+            "scenario": scenario or cc.scenario, "benchmark": cc.benchmark, "seeds": list(seeds),
+            "strategies": list(strategies), "seconds": seconds,
+            "title": title or f"{recipe if not isinstance(recipe, dict) else 'recipe'}: "
+                              f"{scenario or cc.scenario}-incremental, {len(list(seeds))} seed{'s' * (len(list(seeds)) != 1)}"}
+    paths = write_sweep_report(out, results, meta)
+    return {"results": results, "report": paths, "meta": meta}

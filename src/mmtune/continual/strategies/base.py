@@ -87,6 +87,20 @@ class StrategyContext:
 class Strategy:
     """Base class: every hook is a no-op. Subclasses set ``name`` and ``Settings``."""
 
+    @classmethod
+    def check_composable(cls, classes) -> None:
+        """Raise ValueError if ``classes`` cannot be composed without their order mattering: a
+        strategy listed twice, or two that both edit gradients or both set optimizer groups.
+        A class method, so that the recipe schema checks a composition through the registry."""
+        names = [c.name for c in classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{'+'.join(names)} lists a strategy twice; give each once")
+        for hook, what in (("after_backward", "edit gradients"), ("optimizer_groups", "set optimizer groups")):
+            editors = [c.name for c in classes if getattr(c, hook) is not getattr(Strategy, hook)]
+            if len(editors) > 1:
+                raise ValueError(f"{' and '.join(editors)} both {what}, so their order would change the result; "
+                                 "compose at most one of them")
+
     name = "base"
     Settings: type[Section] = NoSettings
     #: the objective must return features (feature distillation)

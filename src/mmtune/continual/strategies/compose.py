@@ -27,20 +27,9 @@ from ...errors import ConfigError, MMTuneError
 from .base import Strategy, StrategyContext, TaskInfo
 
 
-def _overrides(cls: type[Strategy], hook: str) -> bool:
-    return getattr(cls, hook) is not getattr(Strategy, hook)
-
-
 def check_composable(classes: Sequence[type[Strategy]]) -> None:
     """Raise ValueError if the strategies cannot be composed without their order mattering."""
-    names = [c.name for c in classes]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{'+'.join(names)} lists a strategy twice; give each once")
-    for hook, what in (("after_backward", "edit gradients"), ("optimizer_groups", "set optimizer groups")):
-        editors = [c.name for c in classes if _overrides(c, hook)]
-        if len(editors) > 1:
-            raise ValueError(f"{' and '.join(editors)} both {what}, so their order would change the result; "
-                             "compose at most one of them")
+    Strategy.check_composable(classes)
 
 
 class Composite(Strategy):
