@@ -166,7 +166,14 @@ def route_media(model, adapter: str) -> None:
 
 @STRATEGIES.register("olora")
 class OLoRA(_PerTaskAdapters):
-    """O-LoRA: all adapters active, the new one trained orthogonally to the old ones."""
+    """O-LoRA: all adapters active, the new one trained orthogonally to the old ones.
+
+    Meant for task sequences that share one output space and differ in their inputs (the paper's
+    instruction-following sequences; here domain-incremental). Measured on permuted Split-Digits, 3
+    seeds: ACC 43.8 ± 7.7 vs naive 42.4 ± 1.5, max forgetting 47.8 vs 67.4; task-incremental
+    (masked heads) 96.8 vs naive 98.8, both forgetting ~1 point. On class-incremental digits it
+    scores 29 ACC: orthogonal subspaces do not stop the shared head from favouring the newest
+    classes, so pair it with rehearsal there."""
 
     name = "olora"
     Settings = OLoRASettings

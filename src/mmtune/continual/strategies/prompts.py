@@ -93,7 +93,13 @@ class L2PModel(nn.Module):
 
 @STRATEGIES.register("l2p")
 class L2P(Strategy):
-    """Learning to Prompt: a key-query prompt pool for a token-based encoder."""
+    """Learning to Prompt: a key-query prompt pool for a token-based encoder.
+
+    Meant for a pretrained, frozen encoder whose features already separate the tasks, and for task-
+    or domain-incremental sequences. Measured on task-incremental Split-Digits with the transformer
+    net (``continual.digits_net.arch: transformer``), 3 seeds: ACC 84.8 ± 2.0 vs naive 83.0 ± 7.1,
+    max forgetting 4.1 vs 17.9. On class-incremental digits with a randomly initialised backbone it
+    scores 18 ACC: the prompts cannot learn what the frozen random features do not hold."""
 
     name = "l2p"
     Settings = L2PSettings
