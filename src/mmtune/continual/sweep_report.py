@@ -36,17 +36,23 @@ def _mean_matrix(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return M.mean(axis=0), M.std(axis=0)
 
 
-def plot_matrices(results: dict[str, list[dict]], path: Path) -> Path:
+def _grid(results: dict[str, list[dict]], panel_size, **kw):
+    """One panel per strategy, at most three a row; unused panels hidden. ``panel_size(T)`` gives a
+    panel's (width, height) in inches for T tasks."""
     plt = _plt()
     names = list(results)
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
     tasks = results[names[0]][0]["tasks"]
-    T = len(tasks)
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * (0.9 * T + 2.4), nrows * (0.5 * T + 2.0)), squeeze=False,
-                             layout="constrained")
+    w, h = panel_size(len(tasks))
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * w, nrows * h), squeeze=False, **kw)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
+    return plt, fig, axes, names, tasks, len(tasks)
+
+
+def plot_matrices(results: dict[str, list[dict]], path: Path) -> Path:
+    plt, fig, axes, names, tasks, T = _grid(results, lambda T: (0.9 * T + 2.4, 0.5 * T + 2.0), layout="constrained")
     for ax, name in zip(axes.flat, names):
         M, _ = _mean_matrix(results[name])
         im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -65,15 +71,7 @@ def plot_matrices(results: dict[str, list[dict]], path: Path) -> Path:
 
 
 def plot_curves(results: dict[str, list[dict]], path: Path) -> Path:
-    plt = _plt()
-    names = list(results)
-    cols = min(3, len(names))
-    nrows = math.ceil(len(names) / cols)
-    tasks = results[names[0]][0]["tasks"]
-    T = len(tasks)
-    fig, axes = plt.subplots(nrows, cols, figsize=(cols * 4.2, nrows * 3.2), squeeze=False, sharey=True)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
+    plt, fig, axes, names, tasks, T = _grid(results, lambda T: (4.2, 3.2), sharey=True)
     xs = np.arange(T + 1)
     for ax, name in zip(axes.flat, names):
         mean, sd = _mean_matrix(results[name])
