@@ -171,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "pretraining then LoRA SFT, with a report (Markdown + loss-curve PNG).")
     p.add_argument("--output", default="runs/demo", help="where to write the runs and the report")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests; accuracy stays low)")
-    p.add_argument("--multimodal", action="store_true", help="the multimodal demo (tiny encoders + staged recipe)")
+    p.add_argument("--multimodal", action="store_true", help="the multimodal demo (tiny encoders + staged recipe); "
+                   "with --lm smollm2 composed on the real SmolLM2-135M-Instruct")
+    p.add_argument("--lm", choices=("tiny", "smollm2"), default="tiny",
+                   help="--multimodal: the language model the encoders are composed with (default: the tiny one, "
+                   "about 7 min; smollm2: the real SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="the demo on the tiny built-in model (about 4 min)")
 
     p = sub.add_parser("continual", help="train a sequence of tasks and measure forgetting",
@@ -364,7 +368,7 @@ def _cmd_demo(args) -> int:
     if args.multimodal:
         from .multimodal.demo import run_multimodal_demo
 
-        run_multimodal_demo(args.output, quick=args.quick)
+        run_multimodal_demo(args.output, quick=args.quick, lm=args.lm)
         return 0
     if args.tiny:
         from .demo import run_demo

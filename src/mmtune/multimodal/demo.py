@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ..config import validate_recipe
+from ..errors import ConfigError
 from .tasks import (  # noqa: F401 - the demo's data and scoring, re-exported
     IMAGE_SIZE,
     VQA_CHANCE,
@@ -65,16 +66,32 @@ QUICK = dict(steps=(2, 2, 2, 2, 2), n_train=(8, 9, 4, 4, 8), n_eval=(3, 6, 3, 2,
 TASKS_EVAL = ("caption", "vqa", "ocr", "ocr_wide", "asr")
 EVAL_SEED = 1000
 
+#: The language models the demo composes: the tiny built-in one (default) and the real SmolLM2.
+#: ``template``: the chat template of the recipe; ``lora_r`` the rank of both LoRAs; ``full`` /
+#: ``quick`` the schedules (a step of SmolLM2 costs about 30 of the tiny LM on a CPU, so its
+#: schedule is short and weighted to the stages that learn: the joint vision stage and the two LoRA
+#: SFT stages).
+LMS = {
+    "tiny": dict(path=None, template="auto", lora_r=32, lr=3e-3, full=FULL, quick=QUICK, tasks=TASKS_EVAL),
+    "smollm2": dict(path="builtin:smollm2-135m-instruct", template="chatml", lora_r=16, lr=1e-3,
+                    tasks=("caption", "vqa", "asr"), evaluate=("vision-sft", "speech-sft"),
+                    full=dict(steps=(20, 60, 120, 20, 100), n_train=(200, 400, 150, 60, 400),
+                              n_eval=(20, 60, 20, 10, 30, 15)),
+                    quick=dict(steps=(1, 1, 1, 1, 1), n_train=(4, 6, 2, 2, 4), n_eval=(2, 6, 2, 2, 2, 3))),
+}
 
-def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ...]) -> dict:
-    def src(*names):
-        return [{"path": str(data[n])} for n in names]
+
+
+def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ...], template: str = "auto",
+            lora_r: int = 32, llm_lr: float = 3e-3) -> dict:
+    def src(*names):  # the demo's tasks among ``names`` (a language model's profile may leave some out)
+        return [{"path": str(data[n])} for n in names if n in data]
 
     s1, s2, s3, s4, s5 = steps
     return {
         "objective": "sft",
         "model": {"path": str(lm_dir), "dtype": "float32"},
-        "data": {"template": "auto", "max_length": 256, "packing": True},
+        "data": {"template": template, "max_length": 256, "packing": True},
         "train": {"output_dir": str(out / "run"), "batch_size": 4, "lr": 1e-3, "warmup_steps": 10,
                   "weight_decay": 0.0, "save_every": 10_000, "keep_last": 1, "tensorboard": False,
                   "progress": False, "log_every": 25},
@@ -82,8 +99,9 @@ def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ..
             "vision": {"path": "builtin:tiny-siglip", "tiling": "phi4", "max_crops": 4, "projector": "phi4_avgpool"},
             "audio": {"path": "builtin:tiny-conformer"},
             "vision_speech": False,
-            "adapters": [{"name": "vision", "r": 32, "alpha": 64, "dropout": 0.0, "targets": "all-linear"},
-                         {"name": "speech", "r": 32, "alpha": 64, "dropout": 0.01, "targets": "all-linear"}],
+            "adapters": [{"name": "vision", "r": lora_r, "alpha": 2 * lora_r, "dropout": 0.0, "targets": "all-linear"},
+                         {"name": "speech", "r": lora_r, "alpha": 2 * lora_r, "dropout": 0.01,
+                          "targets": "all-linear"}],
             "stages": [
                 {"name": "vision-align", "sources": src("caption"), "max_steps": s1,
                  "trainable": {"vision_projector": "full"}, "lr": {"vision_projector": 2e-3}},
@@ -92,13 +110,13 @@ def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ..
                  "lr": {"vision_encoder": 1e-3, "vision_projector": 2e-3}},
                 {"name": "vision-sft", "sources": src("vqa", "ocr", "ocr_wide", "caption"), "max_steps": s3,
                  "trainable": {"vision_encoder": "full", "vision_projector": "full", "llm": "lora"},
-                 "adapter": "vision", "lr": {"vision_encoder": 1e-3, "vision_projector": 3e-3, "llm": 3e-3}},
+                 "adapter": "vision", "lr": {"vision_encoder": 1e-3, "vision_projector": 3e-3, "llm": llm_lr}},
                 {"name": "speech-align", "sources": src("asr"), "max_steps": s4,
                  "trainable": {"audio_encoder": "full", "audio_projector": "full"},
                  "lr": {"audio_encoder": 2e-3, "audio_projector": 2e-3}},
                 {"name": "speech-sft", "sources": src("asr"), "max_steps": s5,
                  "trainable": {"audio_encoder": "full", "audio_projector": "full", "llm": "lora"},
-                 "adapter": "speech", "lr": {"audio_encoder": 1e-3, "audio_projector": 3e-3, "llm": 3e-3}},
+                 "adapter": "speech", "lr": {"audio_encoder": 1e-3, "audio_projector": 3e-3, "llm": llm_lr}},
             ],
         },
     }
@@ -129,17 +147,21 @@ def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: 
 
     model.eval()
     s: dict[str, float] = {}
-    s["caption/token_acc"] = token_accuracy_items(model, template, items["caption"])
-    for q in VQA_CHANCE:
-        sub = [it for it in items["vqa"] if it["qtype"] == q]
-        s[f"vqa-{q}/exact_match"] = exact_match_items(model, template, sub, 5)
-    s["vqa/exact_match"] = sum(s[f"vqa-{q}/exact_match"] * sum(it["qtype"] == q for it in items["vqa"])
-                               for q in VQA_CHANCE) / max(len(items["vqa"]), 1)
+    if "caption" in items:
+        s["caption/token_acc"] = token_accuracy_items(model, template, items["caption"])
+    if "vqa" in items:
+        for q in VQA_CHANCE:
+            sub = [it for it in items["vqa"] if it["qtype"] == q]
+            s[f"vqa-{q}/exact_match"] = exact_match_items(model, template, sub, 5)
+        s["vqa/exact_match"] = sum(s[f"vqa-{q}/exact_match"] * sum(it["qtype"] == q for it in items["vqa"])
+                                   for q in VQA_CHANCE) / max(len(items["vqa"]), 1)
     for task, n_new in (("ocr", 8), ("ocr_wide", 24)):
-        s[f"{task}/token_acc"] = token_accuracy_items(model, template, items[task])
-        s[f"{task}/exact_match"] = exact_match_items(model, template, items[task], n_new)
-    s["asr/exact_match"] = exact_match_items(model, template, items["asr"], 10)
-    s["asr/token_acc"] = token_accuracy_items(model, template, items["asr"])
+        if task in items:
+            s[f"{task}/token_acc"] = token_accuracy_items(model, template, items[task])
+            s[f"{task}/exact_match"] = exact_match_items(model, template, items[task], n_new)
+    if "asr" in items:
+        s["asr/exact_match"] = exact_match_items(model, template, items["asr"], 10)
+        s["asr/token_acc"] = token_accuracy_items(model, template, items["asr"])
     if text_records:
         route = model.router.route("text", n_samples=0)
         with model.router.activate(model.language_model, route):
@@ -148,7 +170,8 @@ def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: 
         logits = _text_logits(model, template, text_records)
         if state is not None:
             first = state.setdefault("text_logits", logits)
-            s["text/max_logit_change"] = max(float((a - b).abs().max()) for a, b in zip(first, logits))
+            # over the base vocabulary (composing adds the media placeholder tokens after it)
+            s["text/max_logit_change"] = max(float((a - b[..., :a.shape[-1]]).abs().max()) for a, b in zip(first, logits))
     model.train()
     return s
 
@@ -186,43 +209,70 @@ def _chance(items: dict[str, list[dict]]) -> dict[str, float]:
     return out
 
 
-def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = False, log=print) -> dict:
-    """Run the demo (module docstring) into ``output``; returns the scores per stage."""
+def _plain_text_logits(lm_dir: Path, template, records: list[dict]) -> list[torch.Tensor]:
+    """Logits of the plain language model (loaded by transformers alone, nothing composed) on the
+    prompts of ``records``: what the router's text route must reproduce to the last bit."""
+    from transformers import AutoModelForCausalLM
+
+    from ..data.formats import detect_format, normalize
+
+    base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [base(torch.tensor([template.prompt_ids(normalize(r, detect_format(r))["messages"][:-1])]))
+                .logits[0].float() for r in records]
+
+
+def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = False, log=print,
+                        lm: str = "tiny") -> dict:
+    """Run the demo (module docstring) into ``output`` with the language model ``lm`` (a key of
+    :data:`LMS`); returns the scores per stage."""
     from ..data.builtin import TASKS, builtin_records
     from ..data.templates import get_template
+    from ..models.loading import load_tokenizer, resolve_model_path
     from ..models.tiny import ensure_tiny, ensure_tiny_pretrained
     from .data import MediaCache
     from .run import run_multimodal_recipe
 
+    if lm not in LMS:
+        raise ConfigError(f"multimodal demo: unknown language model '{lm}'; valid: {', '.join(LMS)}")
+    spec = LMS[lm]
     t0 = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = QUICK if quick else FULL
+    cfg = spec["quick"] if quick else spec["full"]
     log("[1/4] built-in data: shapes (captions, VQA), OCR (square words, wide multi-tile), spoken digits")
-    train = make_demo_data(out / "data" / "train", cfg["n_train"], seed=0)
+    tasks = spec["tasks"]
+    train = {k: v for k, v in make_demo_data(out / "data" / "train", cfg["n_train"], seed=0).items() if k in tasks}
     n_eval = cfg["n_eval"]
     evals = make_demo_data(out / "data" / "eval", n_eval[:5], seed=EVAL_SEED)
     text_records = builtin_records("instruct-eval")
     per_task = max(1, n_eval[5] // len(TASKS))
     text_records = [r for t in TASKS for r in [x for x in text_records if x["task"] == t][:per_task]]
 
-    lm = ensure_tiny() if quick else ensure_tiny_pretrained(log=log)  # quick: a smoke run, no 1.5 min build
-    recipe = validate_recipe(_recipe(out, lm, train, cfg["steps"]))
+    if spec["path"] is not None:
+        lm_dir = resolve_model_path(spec["path"])
+    else:  # quick: a smoke run, no 1.5 min build
+        lm_dir = ensure_tiny() if quick else ensure_tiny_pretrained(log=log)
+    recipe = validate_recipe(_recipe(out, lm_dir, train, cfg["steps"], spec["template"], spec["lora_r"], spec["lr"]))
     scores: dict[str, dict] = {}
-    state: dict = {}
+    # the text route is measured against the plain LM's logits, loaded by transformers alone
+    state: dict = {"text_logits": _plain_text_logits(lm_dir, get_template(recipe.data.template,
+                                                                          load_tokenizer(lm_dir)), text_records)}
 
     def on_stage_end(name, result, model):
+        if "items" in state and name not in spec.get("evaluate", (name,)):
+            return  # a language model whose evaluation is expensive is scored after the SFT stages only
         if "items" not in state:
             state["template"] = get_template(recipe.data.template, model.tokenizer)
             cache = MediaCache(model)
-            state["items"] = {task: load_eval_items(evals[task], model, cache, task) for task in TASKS_EVAL}
+            state["items"] = {task: load_eval_items(evals[task], model, cache, task) for task in tasks}
         t = time.time()
         scores[name] = evaluate_tasks(model, state["template"], state["items"], text_records, state)
         log(f"  scores after {name} ({time.time() - t:.0f} s): "
             + ", ".join(f"{k} {v:.0%}" for k, v in scores[name].items() if "-" not in k.split("/")[0]
                         and "logit" not in k))
 
-    log("[2/4] composed model: tiny LM + tiny SigLIP (phi4 tiling, phi4_avgpool) + tiny Conformer (MLP), "
+    log(f"[2/4] composed model: {lm} LM ({lm_dir}) + tiny SigLIP (phi4 tiling, phi4_avgpool) + tiny Conformer (MLP), "
         "LoRA_V and LoRA_A; the router sends text to the base model")
     log("[3/4] Phi-4-style stages: vision-align, vision-joint, vision-sft (LoRA_V), speech-align, speech-sft "
         "(LoRA_A)")
@@ -239,7 +289,7 @@ def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = Fals
                        f"{s['examples']} examples, final loss {s['final_loss']:.3f}" for s in result["stages"])
     report = (
         "# mmtune multimodal demo report\n\n"
-        "The tiny built-in LM composed with a tiny SigLIP tower (Phi-4 tiling, phi4_avgpool projector) and a tiny "
+        f"The language model `{lm}` ({spec['path'] or 'builtin:tiny-pretrained'}) composed with a tiny SigLIP tower (Phi-4 tiling, phi4_avgpool projector) and a tiny "
         "Conformer (MLP projector), with a vision and a speech LoRA picked by the modality router (text -> base "
         "model), trained with Phi-4-multimodal's stages on built-in data (see mmtune/multimodal/demo.py for the "
         "data subsets and metrics).\n\n"
