@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,qlora,web,minilm,real
 
-.PHONY: install sysdeps demo demo-multimodal test test-slow lint bench clean
+.PHONY: install sysdeps demo demo-multimodal test test-slow lint bench readme-layout clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,10 +40,14 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 bench: $(STAMP)
 	$(PY) benchmarks/sft_throughput.py
+
+# Regenerate README.md's layout section from the module docstrings (tests/test_docs.py checks it).
+readme-layout:
+	python3 tools/readme_layout.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

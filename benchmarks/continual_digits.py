@@ -8,7 +8,7 @@ For each scenario this is ``mmtune continual sweep continual-digits --scenario S
 epochs per task, AdamW 1e-3, batch 32), with one addition the command has no flag for: ``l2p``
 runs on the digits transformer (it prepends prompts to tokens). Each scenario's report
 (``OUT/S/sweep.md``, heatmaps, per-task curves) holds the table: mean ± std over seeds
-(population std), in points. Expected orderings (REFERENCE.md section 4): class-incremental
+(population std), in points. Expected orderings (docs/reference/continual.md#expected-results-on-split-digits): class-incremental
 naive ~ EWC ~ LwF ~ 20%, replay (200 examples) ~85-90%, DER++ ~93%, joint ~95%; permuted
 domain-incremental replay > EWC > naive.
 """

@@ -1,7 +1,7 @@
 """GPU LoRA SFT benchmark: mmtune against plain transformers + PEFT, in one process.
 
 For each model size (random-init Qwen2-shaped 0.5B and 1.5B, bf16, no weights needed), on the
-same synthetic log-normal sample lengths (median ~350 tokens, REFERENCE.md section 5):
+same synthetic log-normal sample lengths (median ~350 tokens, docs/reference/performance.md#benchmark-sample-lengths):
 
 - baseline: the anchor script ``shared/bench/hf_peft_baseline.py`` (imported by path at run
   time from ``../shared/bench`` next to the repository root, or ``--baseline PATH``), its

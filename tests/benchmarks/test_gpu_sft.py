@@ -36,7 +36,7 @@ def test_baseline_is_found_and_lengths_are_shared(bench):
     lengths = bench.lengths_for(bl, 4096, 20000)
     assert max(lengths) <= 2048 and min(lengths) >= 16
     lengths.sort()
-    assert 300 < lengths[len(lengths) // 2] < 400  # log-normal, median ~350 (REFERENCE.md section 5)
+    assert 300 < lengths[len(lengths) // 2] < 400  # log-normal, median ~350 (docs/reference/performance.md#benchmark-sample-lengths)
     rows = bench.mmtune_rows(lengths[:300], 4096, 1000)
     assert sum(len(r["input_ids"]) for r in rows) == sum(lengths[:300])
     assert all(len(r["input_ids"]) <= 4096 for r in rows)

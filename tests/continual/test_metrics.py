@@ -1,4 +1,4 @@
-"""Continual-learning metrics against hand-computed matrices (REFERENCE.md section 4)."""
+"""Continual-learning metrics against hand-computed matrices (docs/reference/continual.md#accuracy-matrix-and-metrics)."""
 
 import numpy as np
 import pytest

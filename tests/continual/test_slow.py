@@ -1,4 +1,4 @@
-"""Slow statistical checks of the strategies against the orderings of REFERENCE.md section 4.
+"""Slow statistical checks of the strategies against the expected orderings (docs/reference/continual.md#expected-results-on-split-digits).
 
 Run with ``pytest -m slow tests/continual/test_slow.py -s`` (prints the tables). Split-Digits: the
 shipped ``continual-digits`` recipe, 5 seeds; the text sequence: the shipped ``continual-text``

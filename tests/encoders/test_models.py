@@ -21,7 +21,7 @@ from mmtune.encoders.models import (
 from mmtune.encoders.tokenizer import train_tokenizer
 from mmtune.errors import ConfigError
 
-# REFERENCE.md section 3: backbone parameters of transformers' classes (pooler included).
+# docs/reference/encoders.md#published-sizes-and-parameter-counts: backbone parameters of transformers' classes (pooler included).
 REFERENCE_COUNTS = {
     "bert-base": 109_482_240, "bert-large": 335_141_888, "roberta-base": 124_645_632,
     "albert-base": 11_683_584, "albert-large": 17_683_968, "albert-xlarge": 58_724_864,

@@ -1,4 +1,4 @@
-"""Audio loading and log-Mel features: counts from REFERENCE.md section 1, parity with an independent
+"""Audio loading and log-Mel features: counts from docs/reference/multimodal.md#audio-features-and-token-rate, parity with an independent
 numpy reference and with transformers' Phi-4 feature extractor, chunking, batching, errors."""
 
 import math
@@ -34,7 +34,7 @@ def _test_signal(n, seed=0):
 
 @pytest.mark.parametrize("n_samples, frames, tokens", [
     (16000, 98, 13),  # 1 s: (16000-400)//160+1 = 98 -> ceil(98/8) = 13
-    (480000, 2998, 375),  # 30 s: REFERENCE.md "30 s -> 375 tokens"
+    (480000, 2998, 375),  # 30 s: published "30 s -> 375 tokens"
     (16000 * 60, 5998, 750),  # 1 min: "750 per minute"
     (16000 * 1800, 179998, 22500),  # 30 min: "30 min -> 22,500"
     (400, 1, 1), (559, 1, 1), (560, 2, 1), (399, 0, 0),

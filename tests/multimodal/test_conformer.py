@@ -135,7 +135,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 def test_phi4_geometry_parameter_count():
-    """REFERENCE.md: audio encoder ~441M. transformers' Phi4MultimodalAudioModel has 2 x 1024 extra
+    """Published: audio encoder ~441M (docs/reference/multimodal.md#conformer-audio-encoder). transformers' Phi4MultimodalAudioModel has 2 x 1024 extra
     GLU bias vectors per block (b1, b2) that we fold into the GLU convolution's bias."""
     from transformers import Phi4MultimodalAudioConfig
     from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalAudioModel

@@ -1,5 +1,5 @@
 """Parameter counts of our components in Phi-4-multimodal geometry, on the meta device, against
-the published figures (REFERENCE.md section 1)."""
+the published figures (docs/reference/multimodal.md#phi-4-multimodal)."""
 
 import pytest
 import torch

@@ -25,7 +25,7 @@ def test_matches_internvl_op_sequence_elementwise(shape):
     assert torch.equal(y, internvl_reference(x))
     n, h, w, c = shape
     assert y.shape == (n, h // 2, w // 2, 4 * c)
-    for b in range(n):  # REFERENCE.md: y[i,j,(2a+b)*C+c] = x[2i+a, 2j+b, c]
+    for b in range(n):  # docs/reference/multimodal.md#pixel-shuffle: y[i,j,(2a+b)*C+c] = x[2i+a, 2j+b, c]
         for i in range(h // 2):
             for j in range(w // 2):
                 for a in range(2):

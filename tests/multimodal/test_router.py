@@ -37,7 +37,7 @@ def _ex(model, template, images=(), audios=(), answer="blue"):
     return encode_mm_sample(sample, list(images), list(audios), model, template, LengthPolicy(1024, False))
 
 
-EXPECTED = {  # Phi-4-multimodal's table (REFERENCE.md section 1)
+EXPECTED = {  # Phi-4-multimodal's table (docs/reference/multimodal.md#modality-router)
     "text": Route("text", None, None),
     "image": Route("image", "vision", None),
     "audio": Route("audio", "speech", "audio_projector"),

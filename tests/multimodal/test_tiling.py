@@ -1,4 +1,4 @@
-"""Tiling: published token counts (REFERENCE.md 1-2), grid choice against straightforward
+"""Tiling: published token counts (docs/reference/multimodal.md#phi-4-dynamic-crops and #internvl-tiling), grid choice against straightforward
 re-implementations of the published algorithms, tile order and padding."""
 
 import math
@@ -128,7 +128,7 @@ def test_phi4_published_counts_full_geometry():
     assert (t.grid, t.num_tokens, t.num_tiles) == ((1, 1), 545, 2)
     t = phi4_crops(solid(1344, 896))
     assert (t.grid, t.num_tokens, t.num_tiles) == ((2, 3), 1841, 7)  # 2 rows x 3 cols + global
-    for h, w in [(1, 1), (2, 3), (4, 4), (3, 12)]:  # REFERENCE.md formula without padding
+    for h, w in [(1, 1), (2, 3), (4, 4), (3, 12)]:  # the published formula without padding
         assert phi4_num_tokens(h, w, side=16) == (h * w + 1) * 256 + 1 + (h + 1) * 16
     assert all(tile.size == (448, 448) for tile in t.tiles)
 

@@ -1,6 +1,6 @@
 """Continual-learning metrics from the accuracy matrix.
 
-Notation (REFERENCE.md section 4, Lopez-Paz & Ranzato 2017 "GEM" section 3; Chaudhry et al.
+Notation (docs/reference/continual.md#accuracy-matrix-and-metrics; Lopez-Paz & Ranzato 2017 "GEM" section 3; Chaudhry et al.
 2018 "Riemannian Walk" section 4): with T tasks, ``R[i][j]`` is the accuracy on task j after
 training tasks 1..i, and ``b[j]`` the accuracy on task j before any training. Here ``R`` is a
 0-based (T, T) array: ``R[i, j]`` is measured after the (i+1)-th task.

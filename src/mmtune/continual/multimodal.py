@@ -1,6 +1,6 @@
 """The modality-dynamic task sequence: image and speech tasks on one composed model.
 
-REFERENCE.md section 4 lists the *modality-dynamic task-incremental* scenario: each task's input
+docs/reference/continual.md#scenarios lists the *modality-dynamic task-incremental* scenario: each task's input
 modalities may differ, the task id is given. :class:`MultimodalBenchmark` (``continual.benchmark:
 multimodal``) runs it on the recipe's language model composed (:mod:`mmtune.multimodal.model`)
 with the built-in tiny SigLIP tower (Phi-4 tiling, ``phi4_avgpool`` projector) and the tiny

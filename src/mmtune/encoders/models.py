@@ -38,7 +38,7 @@ from ..models.adapters import apply_freeze, lora_config
 from ..registry import Registry
 
 # name -> (model_type, config kwargs). Tiny sizes train in seconds on a CPU; the others are the
-# published sizes of REFERENCE.md section 3 (vocabulary replaced by the tokenizer's when trained).
+# published sizes of docs/reference/encoders.md#published-sizes-and-parameter-counts (vocabulary replaced by the tokenizer's when trained).
 BUILTIN_MODELS: Registry[tuple[str, dict]] = Registry("built-in encoder")
 _TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 for _name, _spec in {

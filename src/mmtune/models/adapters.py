@@ -1,7 +1,7 @@
 """Trainability of a causal LM: PEFT LoRA adapters or full fine-tuning, plus freezing.
 
-One place decides what trains (STYLE: "applied in one function, logged, and tested as the
-exact set of trainable parameter names"): :func:`apply_adapter` then :func:`apply_freeze`,
+One place decides what trains (docs/contributing.md#trainability: applied in one function, logged, and tested as the
+exact set of trainable parameter names): :func:`apply_adapter` then :func:`apply_freeze`,
 called in that order by :func:`mmtune.models.loading.load_model`.
 
 LoRA layers, DoRA, rsLoRA and adapter files are PEFT's; we only map the recipe onto them.

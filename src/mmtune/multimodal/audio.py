@@ -1,6 +1,6 @@
 """Audio loading and log-Mel features for the speech path (Phi-4-multimodal geometry).
 
-Geometry (REFERENCE.md section 1): 16 kHz mono; 80 log-Mel bins from a 400-sample (25 ms)
+Geometry (docs/reference/multimodal.md#audio-features-and-token-rate): 16 kHz mono; 80 log-Mel bins from a 400-sample (25 ms)
 window every 160 samples (10 ms), FFT size 512; ``frames = (n_samples - 400) // 160 + 1``
 (no centre padding: the last partial window is dropped); the encoder's x8 convolutional
 subsampling gives ``tokens = ceil(frames / 8)``, i.e. 80 ms per token and 12.5 tokens/s:

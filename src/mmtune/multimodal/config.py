@@ -3,7 +3,7 @@
 A recipe with this section trains a :class:`~mmtune.multimodal.model.ComposedModel`: the causal
 LM of ``model.path`` plus an optional vision tower and an optional audio encoder, each joined to
 the LM by a projector, and LoRA adapters that a router picks per input modality (Phi-4-multimodal's
-"mixture of LoRAs", REFERENCE.md section 1). Training runs ``stages`` in order, each a full
+"mixture of LoRAs", docs/reference/multimodal.md#modality-loras). Training runs ``stages`` in order, each a full
 training run of its own that declares what trains (``frozen | lora | full`` per component) and
 with which learning rate; the recipe's ``train`` section gives the defaults every stage starts
 from, ``data`` the chat template, length and packing policy.
@@ -23,7 +23,7 @@ from ..schema import Section
 
 #: The trainable components of a composed model, in the order stages list them.
 COMPONENTS = ("vision_encoder", "vision_projector", "audio_encoder", "audio_projector", "audio_projector_vs", "llm")
-#: The decoder linears of Phi-4-mini that both Phi-4-multimodal LoRAs adapt (REFERENCE.md section 1).
+#: The decoder linears of Phi-4-mini that both Phi-4-multimodal LoRAs adapt (docs/reference/multimodal.md#modality-loras).
 PHI4_LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 Mode = Literal["frozen", "lora", "full"]
@@ -117,7 +117,7 @@ class AudioConfig(Section):
 class AdapterSpec(Section):
     """One LoRA adapter of the language model (PEFT). Phi-4-multimodal: vision r=256 alpha=512
     dropout 0; speech r=320 alpha=640 dropout 0.01; both on qkv_proj, o_proj, gate_up_proj,
-    down_proj of all 32 layers (REFERENCE.md section 1)."""
+    down_proj of all 32 layers (docs/reference/multimodal.md#modality-loras)."""
 
     name: str = Field(description="Adapter name, used by the router and the stages (e.g. vision, speech).")
     r: int = Field(16, gt=0, description="LoRA rank.")

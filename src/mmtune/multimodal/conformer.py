@@ -22,7 +22,7 @@ convolution, and masked out as attention keys, so a clip's outputs do not depend
 padding its batch adds (tested to 1e-5 in fp32). Outputs at padded positions are zeros.
 
 Phi-4 geometry (:func:`phi4_conformer_config`) measured on the meta device: 441,204,992
-parameters, against ~441M in REFERENCE.md. transformers' ``Phi4MultimodalAudioModel`` with the
+parameters, against the published ~441M (docs/reference/multimodal.md#conformer-audio-encoder). transformers' ``Phi4MultimodalAudioModel`` with the
 default config has 441,254,144: the 49,152 difference is the GLU's separate ``b1``/``b2`` bias
 vectors (2 x 1024 per block x 24), which duplicate the pointwise convolution's own bias; this
 module folds them into that bias (:func:`load_phi4_audio_weights`), so the functions are equal.
@@ -69,7 +69,7 @@ class ConformerConfig:
 
 
 def phi4_conformer_config() -> ConformerConfig:
-    """Phi-4-multimodal audio encoder geometry (REFERENCE.md section 1, transformers
+    """Phi-4-multimodal audio encoder geometry (docs/reference/multimodal.md#conformer-audio-encoder, transformers
     ``Phi4MultimodalAudioConfig`` defaults): 24 blocks, d=1024, 16 heads, FFN 1536 gated,
     depthwise kernel 3 (causal), 1024 subsampling channels, bias distance 1000."""
     return ConformerConfig(d_model=1024, n_layers=24, n_heads=16, ffn_dim=1536, conv_kernel=3, n_mels=80,

@@ -14,7 +14,7 @@
    more training than a demo has;
 3. a tiny SigLIP tower (random init) with Phi-4 tiling and the ``phi4_avgpool`` projector, a
    tiny Conformer with an MLP projector, and a vision and a speech LoRA are composed with the
-   LM and trained with Phi-4-multimodal's staged recipe (REFERENCE.md section 1):
+   LM and trained with Phi-4-multimodal's staged recipe (docs/reference/multimodal.md#phi-4-training-stages):
    vision (1) projector alignment on captions, (2) encoder + projector, (3) LoRA_V SFT with
    encoder + projector; speech (4) encoder + projector with the decoder frozen, (5) LoRA_A SFT
    with encoder + projector. A 1M-parameter LM that stays frozen can hardly be steered by soft

@@ -1,7 +1,7 @@
 """Composition of any causal LM with a vision tower and an audio encoder: :class:`ComposedModel`.
 
 The language model is untouched transformers code; images and audio enter it as input
-embeddings (the LLaVA / Phi-4 / InternVL design, REFERENCE.md sections 1-2):
+embeddings (the LLaVA / Phi-4 / InternVL design, docs/reference/multimodal.md#composition-through-input-embeddings):
 
 1. the tokenizer gains two special tokens (``<|image|>``, ``<|audio|>``; embeddings resized);
    each ``<image>`` / ``<audio>`` tag of a prompt becomes a run of exactly as many of them as
@@ -911,7 +911,7 @@ def parameter_counts(model: ComposedModel) -> dict[str, int]:
 
 
 def phi4_mm_config(max_crops: int = 36) -> MultimodalConfig:
-    """Phi-4-multimodal's composition (REFERENCE.md section 1) as a config: SigLIP-so400m 448 px,
+    """Phi-4-multimodal's composition (docs/reference/multimodal.md#phi-4-multimodal) as a config: SigLIP-so400m 448 px,
     penultimate layer, phi4 tiling, phi4_avgpool projector; Phi-4 Conformer; LoRA_V r=256/512/0.0
     and LoRA_A r=320/640/0.01 on qkv_proj, o_proj, gate_up_proj, down_proj; the vision-speech
     projector; a single placeholder stage (for counting and building only)."""
@@ -928,7 +928,7 @@ def phi4_mm_config(max_crops: int = 36) -> MultimodalConfig:
 
 
 def phi4_mini_config():
-    """transformers ``Phi3Config`` in Phi-4-mini's geometry (REFERENCE.md section 1)."""
+    """transformers ``Phi3Config`` in Phi-4-mini's geometry (docs/reference/multimodal.md#phi-4-mini-language-model)."""
     from transformers import Phi3Config
 
     return Phi3Config(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,

@@ -21,7 +21,7 @@ def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
         y[n, i, j, (k*a + b)*C + c] = x[n, k*i + a, k*j + b, c]     0 <= a, b < k
 
     i.e. each output token holds its ``k x k`` neighbourhood row by row, channels innermost.
-    That is REFERENCE.md's ``y[i,j,(2a+b)*C+c] = x[2i+a, 2j+b, c]``, and it is index-identical
+    That is ``y[i,j,(2a+b)*C+c] = x[2i+a, 2j+b, c]`` (docs/reference/multimodal.md#pixel-shuffle), and it is index-identical
     to the op sequence of ``InternVLChatModel.pixel_shuffle`` (OpenGVLab/InternVL,
     modeling_internvl_chat.py; also ``InternVLModel.pixel_shuffle`` in transformers):
     ``view(n, w, h*s, c/s) -> permute(0,2,1,3) -> view(n, h*s, w*s, c/s^2) -> permute(0,2,1,3)``,

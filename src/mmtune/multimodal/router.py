@@ -1,7 +1,7 @@
 """The modality router: which LoRA adapter (and which audio projector) a sample goes through.
 
 Phi-4-multimodal keeps its language model frozen and adds one LoRA per modality; the adapter is
-chosen from the input's modalities (REFERENCE.md section 1):
+chosen from the input's modalities (docs/reference/multimodal.md#modality-router):
 
 =============  ==========================  ============================
 group          adapter (default)           audio projector

@@ -6,7 +6,7 @@ language model sees both detail and layout. Both modes pick a grid of ``cols x r
 they differ in how the grid is chosen and how the image is fitted to it.
 
 ``phi4`` (Phi-4-multimodal, ``Phi4MultimodalImageProcessor.dynamic_preprocess`` in
-transformers; REFERENCE.md section 1)
+transformers; docs/reference/multimodal.md#phi-4-dynamic-crops)
     The grid is ``(ceil(W/C), ceil(H/C))`` when that many tiles fit in ``max_crops``, else the
     grid of closest aspect ratio among all grids with at most ``max_crops`` tiles. The image is
     resized keeping its aspect ratio to fit the grid and padded white on the right/bottom. A
@@ -16,7 +16,7 @@ transformers; REFERENCE.md section 1)
     ``interpolate``): the canvas bilinear with antialiasing on 8-bit pixels, the global view
     bicubic *without* antialiasing on the float canvas, kept in float (:attr:`TiledImage.global_view`).
 
-``internvl`` (InternVL 1.5/2/2.5 ``dynamic_preprocess``; REFERENCE.md section 2)
+``internvl`` (InternVL 1.5/2/2.5 ``dynamic_preprocess``; docs/reference/multimodal.md#internvl-tiling)
     The grid is the closest aspect ratio among grids with ``min_num..max_num`` tiles; the image
     is stretched (no padding) to the grid; a thumbnail of the whole image follows when there is
     more than one tile. Every tile gives ``(C/patch/2)^2`` tokens (256 at 448/14) after the
@@ -203,8 +203,8 @@ def phi4_num_tokens(rows: int, cols: int, side: int = 16, valid_rows: int | None
     - one learned separator token: ``1``;
     - global view: ``side`` rows of ``side`` tokens, each followed by a newline: ``side*(side+1)``.
 
-    Without padding this is ``(rows*cols + 1)*side^2 + 1 + (rows + 1)*side``, i.e. REFERENCE.md's
-    ``(h*w + 1)*256 + 1 + (h+1)*16`` at ``side = 448/14/2 = 16``: 448x448 -> 545, 3x2 -> 1841.
+    Without padding this is ``(rows*cols + 1)*side^2 + 1 + (rows + 1)*side``, i.e. the published
+    ``(h*w + 1)*256 + 1 + (h+1)*16`` at ``side = 448/14/2 = 16``: 448x448 -> 545, 3x2 -> 1841 (docs/reference/multimodal.md#phi-4-dynamic-crops).
     """
     vr = rows * side if valid_rows is None else valid_rows
     vc = cols * side if valid_cols is None else valid_cols

@@ -258,7 +258,7 @@ def build_vision_config(kind: str = "siglip", image_size: int = 448, patch_size:
     """A transformers vision config of ``kind`` (siglip | clip | vit) with the given geometry.
 
     The defaults are SigLIP-so400m at 448 px as used by Phi-4-multimodal (27 layers, width
-    1152, MLP 4304, 16 heads, patch 14; REFERENCE.md section 1). ``intermediate`` defaults to
+    1152, MLP 4304, 16 heads, patch 14; docs/reference/multimodal.md#siglip-vision-tower). ``intermediate`` defaults to
     4 x hidden (4304 for so400m's 1152 when kind is siglip at the default width).
     """
     from transformers import CLIPVisionConfig, SiglipVisionConfig, ViTConfig

@@ -13,7 +13,7 @@ mmtune.data.packing); no attention mask is passed. transformers then isolates th
   transformers derives from ``position_ids`` (``masking_utils.find_packed_sequence_indices``).
   Runs everywhere (the CPU default); a mask rules out SDPA's flash backend on GPUs.
 - ``flex_attention``: a block-sparse mask from the same sequence ids; fast only once compiled
-  (REFERENCE.md section 5: without torch.compile it was not faster than SDPA on an H100, and on
+  (docs/reference/performance.md#anchor-measurements: without torch.compile it was not faster than SDPA on an H100, and on
   CPU its first call compiles for minutes), so it is used only when asked for on a GPU.
 - ``eager``: the reference implementation (same mask as sdpa).
 

@@ -2,7 +2,7 @@
 
 The output head of a modern LLM is large (Qwen2: vocab 151,936): for 8,192 tokens the fp32
 logits alone take 5 GB, their gradient as much again, and they are the peak of a LoRA step
-(REFERENCE.md section 5: 1.5B packed, 50.7 GiB plain vs 34.8 GiB with a fused loss). Here the
+(docs/reference/performance.md#anchor-measurements: 1.5B packed, 50.7 GiB plain vs 34.8 GiB with a fused loss). Here the
 head and the loss run chunk by chunk over the tokens: each chunk's logits are computed, turned
 into the loss and, when gradients are needed, immediately into the gradients of the hidden
 states (and of the head weight if it trains), then dropped. Backward only scales the stored

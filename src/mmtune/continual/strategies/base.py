@@ -21,7 +21,7 @@ A hook returns loss terms and never mutates the loop's state: not the loss, not 
 not the global RNG. Extra forward passes (replay batches, teachers) run under
 :func:`isolated_rng`, seeded from the strategy's own generator, so the loop's random stream
 (dropout, data order) is the same whatever plugins run and in whatever order (Avalanche's
-``strategy.loss += ...`` made results depend on plugin order; STYLE.md "Extension points").
+``strategy.loss += ...`` made results depend on plugin order; docs/contributing.md#strategy-hooks).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ class-incremental ACC over 5 seeds (``continual-digits``, points, mean +- sd): m
 over that range). Each of ``fisher_batch_size``, ``fisher_samples`` and ``fisher_norm`` may still
 be set explicitly under either convention.
 
-Guard against a too large lambda (REFERENCE.md section 4: "large lambda with plain SGD
-diverges"), in three parts:
+Guard against a too large lambda (docs/reference/continual.md#ewc-stiffness: a large lambda with plain SGD
+diverges), in three parts:
 
 1. Fisher normalisation (``fisher_norm: max``, the mmtune convention): each task's Fisher is divided by its
    largest entry, so F lies in [0, 1] and lambda is the stiffness of the most important weight,
