@@ -92,9 +92,9 @@ def test_multimodal_demo_quick_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_full_multimodal_demo_reads_the_media():
-    """The full demo (about 7 min on 2 cores; its time is reported, not asserted). Measured: VQA 45.0% (colour 65%, count 50%,
-    position 20%) against 16.7% with shuffled media and 23.3% chance; caption token accuracy 89.9%
-    vs 84.0% shuffled; ASR token accuracy 34.8% vs 21.0% shuffled."""
+    """The full demo on the tiny LM with pretrained towers (12.3 min at one thread on a shared
+    2-core CPU). Measured: VQA 83.3% (colour 100%, count 65%, position 85%) against 21.7% with
+    shuffled media; caption token accuracy 93.8% vs 79.8%; ASR exact match 87.5% vs 0%."""
     import tempfile
 
     from mmtune.multimodal.demo import run_multimodal_demo
@@ -103,11 +103,34 @@ def test_full_multimodal_demo_reads_the_media():
         out = run_multimodal_demo(tmp, log=lambda *_: None)
     final, control = out["scores"]["speech-sft"], out["control"]
     print({k: (round(final[k], 3), round(control.get(k, float("nan")), 3)) for k in final})
-    # 60 VQA items (sd of a difference ~0.08); one intra-op thread (the test default) measured 36.7% vs 21.7%
-    assert final["vqa/exact_match"] >= control["vqa/exact_match"] + 0.08 and final["vqa/exact_match"] >= 0.3
-    assert final["vqa-color/exact_match"] >= 0.4  # chance 0.2
-    assert final["caption/token_acc"] > control["caption/token_acc"]  # one thread: 86.4% vs 85.1%
-    assert final["asr/token_acc"] >= control["asr/token_acc"] + 0.05
+    # 60 VQA items: the sd of a difference of two shares near 0.5 is about 0.08; the floors sit
+    # several sd below the measured values and far above the control and chance (0.233)
+    assert final["vqa/exact_match"] >= control["vqa/exact_match"] + 0.3 and final["vqa/exact_match"] >= 0.6
+    assert final["vqa-color/exact_match"] >= 0.7  # chance 0.2
+    assert final["caption/token_acc"] >= control["caption/token_acc"] + 0.05
+    assert final["asr/exact_match"] >= 0.5 and control["asr/exact_match"] <= 0.1  # 40 clips
+    assert final["text/max_logit_change"] == 0.0
+
+
+@pytest.mark.slow
+def test_multimodal_demo_on_smollm2_reads_the_media():
+    """Issue 14 item 6: the real SmolLM2-135M-Instruct composed with the pretrained tiny towers
+    (frozen), projector alignment and LoRA SFT per modality (19.4 min at one thread on a shared
+    CPU). Measured: VQA 43.3% (colour 100%, count 20%, position 10%) vs 15.0% with shuffled
+    media; caption token accuracy 73.5% vs 60.3%; ASR exact match 80% vs 0% (30 clips); the
+    text route's logits equal the plain model's loaded by transformers (max change 0.0)."""
+    import tempfile
+
+    from mmtune.multimodal.demo import run_multimodal_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = run_multimodal_demo(tmp, lm="smollm2", log=lambda *_: None)
+    final, control = out["scores"]["speech-sft"], out["control"]
+    print({k: (round(final[k], 3), round(control.get(k, float("nan")), 3)) for k in final})
+    assert final["vqa-color/exact_match"] >= 0.7 and control["vqa-color/exact_match"] <= 0.4  # 20 items each
+    assert final["vqa/exact_match"] >= control["vqa/exact_match"] + 0.15
+    assert final["caption/token_acc"] >= control["caption/token_acc"] + 0.05
+    assert final["asr/exact_match"] >= 0.5 and control["asr/exact_match"] <= 0.1
     assert final["text/max_logit_change"] == 0.0
 
 

@@ -12,13 +12,20 @@
    the square OCR images show one of the 30 built-in words: a 1M-parameter model can learn
    those in minutes on a CPU, while binding a colour to one shape among distractors needs far
    more training than a demo has;
-3. a tiny SigLIP tower (random init) with Phi-4 tiling and the ``phi4_avgpool`` projector, a
-   tiny Conformer with an MLP projector, and a vision and a speech LoRA are composed with the
-   LM and trained with Phi-4-multimodal's staged recipe (docs/reference/multimodal.md#phi-4-training-stages):
+3. a tiny SigLIP tower and a tiny Conformer, each first pretrained alone on the built-in data
+   (:mod:`mmtune.multimodal.encoder_pretrain`, cached: the SigLIP tower classifies the kind and
+   colour of each cell of the shapes layout, the Conformer transcribes spoken digits with CTC),
+   as a real VLM starts from a pretrained SigLIP and Phi-4-MM from a pretrained audio encoder.
+   From random towers the tiny demo is bistable: tiny numeric changes (a reordered fp32 sum)
+   flipped VQA between 45% and chance (23.3%) across runs, because whether vision is learned
+   at all hangs on the first steps of the joint stage. With pretrained towers it is stable.
+   The towers go with Phi-4 tiling and the ``phi4_avgpool`` projector, an MLP audio
+   projector, and a vision and a speech LoRA, composed with the LM and trained with
+   Phi-4-multimodal's staged recipe (docs/reference/multimodal.md#phi-4-training-stages):
    vision (1) projector alignment on captions, (2) encoder + projector, (3) LoRA_V SFT with
    encoder + projector; speech (4) encoder + projector with the decoder frozen, (5) LoRA_A SFT
-   with encoder + projector. A 1M-parameter LM that stays frozen can hardly be steered by soft
-   inputs, so the alignment stages (1, 2, 4) barely move the scores here; the LoRA stages learn;
+   with encoder + projector. On SmolLM2 (``--lm smollm2``) the towers stay frozen and stages 2
+   and 4 are left out: a SmolLM2 step costs about 30 tiny-LM steps on a CPU;
 4. every task is scored before and after each stage, and a Markdown report is written.
 
 Scores (all on held-out draws):
@@ -58,7 +65,8 @@ from .tasks import (  # noqa: F401 - the demo's data and scoring, re-exported
     token_accuracy_items,
 )
 
-#: Steps and sizes: the full demo (about 7 minutes on 2 CPU cores) and ``--quick`` (a smoke run).
+#: Steps and sizes: the full demo (12.3 min measured at one thread on a shared 2-core CPU, the
+#: towers' pretraining included) and ``--quick`` (a smoke run).
 #: n_train: captions, VQA, OCR square, OCR wide, ASR; n_eval: the same and text prompts.
 FULL = dict(steps=(100, 150, 400, 100, 400), n_train=(300, 600, 300, 150, 500), n_eval=(40, 60, 30, 20, 40, 30))
 QUICK = dict(steps=(2, 2, 2, 2, 2), n_train=(8, 9, 4, 4, 8), n_eval=(3, 6, 3, 2, 3, 3))
@@ -67,32 +75,41 @@ TASKS_EVAL = ("caption", "vqa", "ocr", "ocr_wide", "asr")
 EVAL_SEED = 1000
 
 #: The language models the demo composes: the tiny built-in one (default) and the real SmolLM2.
-#: ``template``: the chat template of the recipe; ``lora_r`` the rank of both LoRAs; ``full`` /
-#: ``quick`` the schedules (a step of SmolLM2 costs about 30 of the tiny LM on a CPU, so its
-#: schedule is short and weighted to the stages that learn: the joint vision stage and the two LoRA
-#: SFT stages).
+#: ``template``: the chat template of the recipe; ``lora_r`` the rank of both LoRAs, ``lr`` their
+#: learning rate; ``full`` / ``quick`` the schedules (steps of the five stages, 0 = the stage is
+#: left out); ``encoders``: ``scratch`` trains the random tiny towers through the LM in the stages,
+#: ``pretrained`` first pretrains them alone on the built-in data
+#: (:mod:`mmtune.multimodal.encoder_pretrain`, cached) and keeps them frozen, as a real VLM starts
+#: from a pretrained SigLIP: a step of SmolLM2 costs about 30 of the tiny LM on a CPU, too many to
+#: train a tower from scratch through it; ``evaluate``: the stages after which the tasks are scored
+#: (all when absent; before the first stage always).
 LMS = {
-    "tiny": dict(path=None, template="auto", lora_r=32, lr=3e-3, full=FULL, quick=QUICK, tasks=TASKS_EVAL),
+    "tiny": dict(path=None, template="auto", lora_r=32, lr=3e-3, full=FULL, quick=QUICK, tasks=TASKS_EVAL,
+                 encoders="pretrained", train_encoders=True, batch_size=4),
     "smollm2": dict(path="builtin:smollm2-135m-instruct", template="chatml", lora_r=16, lr=1e-3,
                     tasks=("caption", "vqa", "asr"), evaluate=("vision-sft", "speech-sft"),
-                    full=dict(steps=(20, 60, 120, 20, 100), n_train=(200, 400, 150, 60, 400),
-                              n_eval=(20, 60, 20, 10, 30, 15)),
-                    quick=dict(steps=(1, 1, 1, 1, 1), n_train=(4, 6, 2, 2, 4), n_eval=(2, 6, 2, 2, 2, 3))),
+                    encoders="pretrained", train_encoders=False, batch_size=1,
+                    full=dict(steps=(20, 0, 80, 15, 60), n_train=(150, 400, 0, 0, 300),
+                              n_eval=(20, 60, 0, 0, 30, 15)),
+                    quick=dict(steps=(1, 0, 1, 1, 1), n_train=(4, 6, 0, 0, 4), n_eval=(2, 6, 0, 0, 2, 3))),
 }
 
 
 
 def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ...], template: str = "auto",
-            lora_r: int = 32, llm_lr: float = 3e-3) -> dict:
+            lora_r: int = 32, llm_lr: float = 3e-3, encoders: dict[str, Path] | None = None,
+            batch_size: int = 4, train_encoders: bool = True) -> dict:
+    """The demo's recipe. ``encoders``: pretrained tower directories (``vision``, ``audio``) instead
+    of the random built-in towers; ``train_encoders=False`` keeps the towers frozen in every stage."""
     def src(*names):  # the demo's tasks among ``names`` (a language model's profile may leave some out)
         return [{"path": str(data[n])} for n in names if n in data]
 
     s1, s2, s3, s4, s5 = steps
-    return {
+    recipe = {
         "objective": "sft",
         "model": {"path": str(lm_dir), "dtype": "float32"},
         "data": {"template": template, "max_length": 256, "packing": True},
-        "train": {"output_dir": str(out / "run"), "batch_size": 4, "lr": 1e-3, "warmup_steps": 10,
+        "train": {"output_dir": str(out / "run"), "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 10,
                   "weight_decay": 0.0, "save_every": 10_000, "keep_last": 1, "tensorboard": False,
                   "progress": False, "log_every": 25},
         "multimodal": {
@@ -120,6 +137,16 @@ def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ..
             ],
         },
     }
+    mm = recipe["multimodal"]
+    mm["stages"] = [st for st in mm["stages"] if st["max_steps"] > 0 and st["sources"]]
+    if encoders:
+        mm["vision"]["path"], mm["audio"]["path"] = str(encoders["vision"]), str(encoders["audio"])
+    if not train_encoders:
+        for st in mm["stages"]:
+            for enc in ("vision_encoder", "audio_encoder"):
+                st["trainable"].pop(enc, None)
+                st["lr"].pop(enc, None)
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +280,15 @@ def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = Fals
         lm_dir = resolve_model_path(spec["path"])
     else:  # quick: a smoke run, no 1.5 min build
         lm_dir = ensure_tiny() if quick else ensure_tiny_pretrained(log=log)
-    recipe = validate_recipe(_recipe(out, lm_dir, train, cfg["steps"], spec["template"], spec["lora_r"], spec["lr"]))
+    encoders = None
+    if spec["encoders"] == "pretrained" and not quick:  # quick: a smoke run on the random towers
+        from .config import MultimodalConfig
+        from .encoder_pretrain import ensure_pretrained_encoders
+
+        mm = MultimodalConfig.model_validate(_recipe(out, lm_dir, train, cfg["steps"])["multimodal"])
+        encoders = ensure_pretrained_encoders(mm.vision, mm.audio, log=log)
+    recipe = validate_recipe(_recipe(out, lm_dir, train, cfg["steps"], spec["template"], spec["lora_r"], spec["lr"],
+                                     encoders, spec["batch_size"], spec["train_encoders"]))
     scores: dict[str, dict] = {}
     # the text route is measured against the plain LM's logits, loaded by transformers alone
     state: dict = {"text_logits": _plain_text_logits(lm_dir, get_template(recipe.data.template,
