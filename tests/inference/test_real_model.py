@@ -1,7 +1,7 @@
 """The generation loop and the session on a real pretrained model, builtin:smollm2-135m-instruct
 (SmolLM2-135M-Instruct, chatml with a default system prompt), fp32: greedy tokens equal
 ``model.generate(do_sample=False)``, the KV-cache logits equal a full forward's, and terminal chat
-and the server give the same reply. Slow (about a minute on one thread)."""
+and the server give the same reply. Slow (about 15 s on one thread, 1.0 GB peak RSS)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_smollm2_generation_and_session_parity():
         logits = dec.prefill(ids)
         for tok in ours[:4]:
             full = model(input_ids=torch.tensor([seq])).logits[0, -1]
-            assert torch.allclose(logits, full, atol=1e-3 * full.abs().max().item(), rtol=0)
+            assert torch.allclose(logits, full, atol=2e-4, rtol=0)  # measured 2.7e-5..4.2e-5, max |logit| ~30
             seq.append(tok)
             logits = dec.step(tok)
     settings = GenerationSettings(24, 0.0, 1.0)
