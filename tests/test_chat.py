@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmtune.chat import ChatSession, load_for_chat, run_terminal_chat
 from mmtune.config import AdapterConfig
 from mmtune.errors import MMTuneError
 from mmtune.export import export_checkpoint
-from mmtune.generate import generate_stream, generate_text, iter_token_ids, top_p_filter
+from mmtune.inference.generate import generate_stream, generate_text, iter_token_ids
+from mmtune.inference.models import TextChatModel
+from mmtune.inference.repl import run_terminal_chat
+from mmtune.inference.sampling import top_p_filter
+from mmtune.inference.session import ChatSession
+from mmtune.inference.turns import GenerationSettings
 from mmtune.models.adapters import apply_adapter
 from mmtune.models.tiny import build_tiny
+from mmtune.models.trained import load_for_chat
 
 
 class ChatML:
-    """A minimal ChatML renderer with the chat-template interface chat.py expects."""
+    """A minimal ChatML renderer with the chat-template interface a chat model expects."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -29,6 +35,13 @@ class ChatML:
         self.rendered.append([dict(m) for m in messages])
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return self.tokenizer.encode(text + "<|im_start|>assistant\n", add_special_tokens=False)
+
+    prompt_ids = render_prompt
+
+
+def chat(model, tok, template=None, system_prompt=None, **settings) -> ChatSession:
+    return ChatSession(TextChatModel(model, tok, template), system_prompt=system_prompt,
+                       settings=GenerationSettings(**settings))
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +125,13 @@ def test_generation_restores_training_mode(model, tok):
 
 def test_chat_session_keeps_history(model, tok):
     template = ChatML(tok)
-    session = ChatSession(model, tok, template, system_prompt="Be brief.", temperature=0.0, max_new_tokens=8)
+    session = chat(model, tok, template, system_prompt="Be brief.", temperature=0.0, max_new_tokens=8)
     reply1 = "".join(session.send("hi"))
     reply2 = "".join(session.send("again"))
-    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
-    assert [session.history[1]["content"], session.history[3]["content"]] == [reply1, reply2]
-    assert template.rendered[-1] == [{"role": "system", "content": "Be brief."}] + session.history[:3]
+    assert [m.role for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert [session.history[1].text, session.history[3].text] == [reply1, reply2]
+    assert template.rendered[-1] == [{"role": "system", "content": "Be brief."}] + [
+        t.as_message() for t in session.history[:3]]
     # the second turn saw the first reply: its prompt is the full conversation
     expected = ChatML(tok).render_prompt(template.rendered[-1])
     assert generate_text(model, tok, expected, 8, stop_token_ids=template.stop_token_ids) == reply2
@@ -128,20 +142,20 @@ def test_chat_session_keeps_history(model, tok):
 
 
 def test_chat_session_drops_oldest_turns_when_context_is_full(model, tok):
-    session = ChatSession(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=4)
-    session.context_length = 60
+    session = chat(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=4)
+    session.model.context_length = 60
     for i in range(6):
         "".join(session.send(f"message number {i} with some words"))
-    assert session.history[0]["content"].startswith("message number") and len(session.history) < 12
-    assert session.history[-2]["content"] == "message number 5 with some words"
-    before = [dict(m) for m in session.history]
+    assert session.history[0].text.startswith("message number") and len(session.history) < 12
+    assert session.history[-2].text == "message number 5 with some words"
+    before = [copy.deepcopy(m) for m in session.history]
     with pytest.raises(MMTuneError, match="too long"):
         session.send("word " * 100)
     assert session.history == before  # the rejected message is not kept and nothing is dropped for it
 
 
 def test_terminal_chat_reset_system_and_exit(model, tok):
-    session = ChatSession(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=6)
+    session = chat(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=6)
     script = iter(["hello", "/reset", "", "/system Answer in one word.", "what?", "/bogus", "/exit", "never read"])
     asked, printed = [], []
 
@@ -157,13 +171,13 @@ def test_terminal_chat_reset_system_and_exit(model, tok):
     out = "".join(printed)
     assert "[conversation reset]" in out and "unknown command /bogus" in out
     assert session.system_prompt == "Answer in one word."
-    assert [m["content"] for m in session.history if m["role"] == "user"] == ["what?"]  # hello was reset
-    reply = session.history[-1]["content"]
+    assert [m.text for m in session.history if m.role == "user"] == ["what?"]  # hello was reset
+    reply = session.history[-1].text
     assert reply and f"assistant> {reply}\n" in out  # streamed pieces, then a newline
 
 
 def test_terminal_chat_ends_on_eof(model, tok):
-    session = ChatSession(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=2)
+    session = chat(model, tok, ChatML(tok), temperature=0.0, max_new_tokens=2)
 
     def input_fn(prompt):
         raise EOFError
@@ -175,9 +189,9 @@ def test_terminal_chat_ends_on_eof(model, tok):
 def test_default_template_is_the_tokenizers_chatml(model, tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "What is 1 + 2?"},
                 {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 2 + 2?"}]
-    session = ChatSession(model, tok)
-    assert session.template.render_prompt(messages) == ChatML(tok).render_prompt(messages)
-    assert set(session.template.stop_token_ids) == {0, 2}
+    session = chat(model, tok)
+    assert session.model.template.render_prompt(messages) == ChatML(tok).render_prompt(messages)
+    assert set(session.model.template.stop_token_ids) == {0, 2}
 
 
 def test_load_for_chat_from_checkpoint_adapter_and_base(tmp_path, tiny_dir, tok):

@@ -12,7 +12,9 @@ Layers, bottom to top (a module may import its own layer and those below)::
     train       the loop, objectives, checkpoints, continual strategies
     parallel    distributed.py
     workflows   run set-ups (train/run.py, */run.py, continual/runner.py, workflows/), evaluation
-    inference   generation loops, chat sessions
+    inference   chat models, the chat session, the context policy, the terminal chat
+                (inference.generate and inference.sampling, the one generation loop, sit at the
+                models layer: training-time scoring generates with it too)
     app         cli, serve, demos, builtin:tiny-pretrained (it runs the demo's recipe)
 
 Run ``python tests/test_layers.py [SRC_ROOT]`` for the counts (circles, imports inside functions).
@@ -48,8 +50,8 @@ LAYER_OF = {
     "mmtune.workflows": "workflows", "mmtune.train.run": "workflows", "mmtune.multimodal.run": "workflows",
     "mmtune.encoders.run": "workflows", "mmtune.continual.runner": "workflows",
     "mmtune.continual.sweep": "workflows", "mmtune.continual.report": "workflows",
-    "mmtune.generate": "inference", "mmtune.chat": "inference", "mmtune.evaluation": "workflows",
-    "mmtune.multimodal.chat": "inference", "mmtune.export": "models",
+    "mmtune.inference": "inference", "mmtune.evaluation": "workflows",
+    "mmtune.inference.generate": "models", "mmtune.inference.sampling": "models", "mmtune.export": "models",
     "mmtune.cli": "app", "mmtune.serve": "app", "mmtune.demo": "app", "mmtune.multimodal.demo": "app",
     "mmtune.pretrained": "app", "mmtune.real_demo": "app", "mmtune.export_gguf": "models",
     "mmtune.multimodal.tasks": "train", "mmtune.continual.sweep_report": "workflows",

@@ -70,14 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
                        description="Multi-turn chat with streaming output. In-chat commands: /reset, "
-                       "/system TEXT, /exit. The prompt template is the one used in training.")
-    p.add_argument("model", help="model dir: base, merged, exported adapter, or training checkpoint")
+                       "/system TEXT, /exit (and /image PATH, /audio PATH for a composed model). The prompt "
+                       "template is the one used in training. When the conversation outgrows the model's context "
+                       "the oldest exchanges are left out (docs/inference.md).")
+    p.add_argument("model", help="model dir: base, merged, exported adapter, training checkpoint, or a composed "
+                   "multimodal model")
     p.add_argument("--adapter", help="LoRA adapter dir to load on top of MODEL")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--template", default="auto", help="chat template (default: the one saved with the model)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, help="seed of the sampling: the same conversation gives the same replies")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="image for the first message (composed multimodal models; in chat: /image PATH)")
     p.add_argument("--audio", action="append", default=[], metavar="PATH",
@@ -246,59 +251,20 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .multimodal.run import find_composed
+    from .inference.models import load_chat_model
+    from .inference.repl import run_terminal_chat
+    from .inference.session import ChatSession
+    from .inference.turns import ENCODER_NAMES, GenerationSettings
 
-    if find_composed(args.model) is not None:
-        return _composed_chat(args)
-    if args.image or args.audio:
-        raise MMTuneError(f"{args.model} is a text-only model: --image/--audio need a composed multimodal model")
-    from .chat import ChatSession, run_terminal_chat
-    from .evaluation import load_model_and_template
-
-    model, tokenizer, template = load_model_and_template(args.model, args.adapter, args.template)
-    session = ChatSession(model, tokenizer, template, system_prompt=args.system, temperature=args.temperature,
-                          top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    run_terminal_chat(session)
+    model = load_chat_model(args.model, args.adapter, args.template)
+    for kind, paths in (("image", args.image), ("audio", args.audio)):
+        if paths and kind not in model.modalities:
+            raise MMTuneError(f"{args.model} has no {ENCODER_NAMES[kind]}: --{kind} needs a composed multimodal model "
+                              f"with one")
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed, top_k=args.top_k)
+    run_terminal_chat(ChatSession(model, system_prompt=args.system, settings=settings), images=args.image,
+                      audios=args.audio)
     return 0
-
-
-def _composed_chat(args, input_fn=input, print_fn=print) -> int:
-    """Terminal chat with a composed model: /image PATH and /audio PATH attach media to the next
-    message; the adapter the modality router chose is shown before each reply."""
-    from .multimodal.chat import ComposedChatSession, load_composed_for_chat
-
-    session = ComposedChatSession(load_composed_for_chat(args.model), system_prompt=args.system,
-                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
-    images, audios = list(args.image), list(args.audio)
-    print_fn("composed model loaded. Commands: /image PATH, /audio PATH, /reset, /exit")
-    while True:
-        try:
-            line = input_fn("you> ").strip()
-        except EOFError:
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            session.reset()
-            images, audios = [], []
-            print_fn("(history cleared)")
-            continue
-        if line.startswith(("/image ", "/audio ")):
-            (images if line.startswith("/image") else audios).append(line.split(" ", 1)[1].strip())
-            print_fn(f"(attached {line.split(' ', 1)[1].strip()} to the next message)")
-            continue
-        if not line:
-            continue
-        try:
-            pieces = session.send(line, images=images, audios=audios)
-        except MMTuneError as e:
-            print_fn(f"error: {e}")
-            continue
-        images, audios = [], []
-        print_fn(f"[router: {session.adapter or 'base model'}] ", end="")
-        for piece in pieces:
-            print_fn(piece, end="", flush=True)
-        print_fn()
 
 
 def _cmd_eval(args) -> int:

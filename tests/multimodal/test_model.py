@@ -7,6 +7,7 @@ import torch
 
 from mmtune.data.templates import get_template
 from mmtune.errors import MMTuneError
+from mmtune.inference.generate import iter_token_ids
 from mmtune.multimodal.data import LengthPolicy, collate_mm, encode_mm_sample
 from mmtune.multimodal.model import load_composed, merge_composed, tiny_composed
 from mmtune.multimodal.objective import model_batch
@@ -129,7 +130,7 @@ def test_cached_generation_equals_uncached_greedy(setup):
     images = [model.process_image(media["square"])]
     msgs = [{"role": "user", "content": "<image>\nWhat color is the circle?"}]
     ids = prompt_ids(model, template, msgs, images)
-    got = list(model.stream_ids(ids, images, max_new_tokens=6))
+    got = list(iter_token_ids(model, ids, 6, images=images))
     seq = list(ids)
     with torch.no_grad():
         for _ in range(6):
@@ -163,28 +164,34 @@ def test_merge_composed_folds_one_adapter(setup, tmp_path):
 
 
 def test_chat_session_streams_and_reports_the_route(setup, tmp_path):
-    from mmtune.multimodal.chat import ComposedChatSession, load_composed_for_chat
+    from mmtune.inference.models import ComposedChatModel, load_composed_for_chat
+    from mmtune.inference.session import ChatSession
+    from mmtune.inference.turns import GenerationSettings, Turn
     from mmtune.multimodal.data import prompt_ids
 
     model, template, media = setup
     media["square"].save(tmp_path / "a.png")
     model.save(tmp_path / "run" / "final")
     loaded = load_composed_for_chat(tmp_path / "run")  # a run's output directory
-    chat = ComposedChatSession(loaded, template=get_template("auto", loaded.tokenizer), max_new_tokens=5)
-    reply = "".join(chat.send("What color is the circle?", images=[tmp_path / "a.png"]))
-    assert chat.adapter == "vision" and chat.last_route.group == "image"
+    chat = ChatSession(ComposedChatModel(loaded, get_template("auto", loaded.tokenizer)),
+                       settings=GenerationSettings(5, 0.0, 1.0))
+    first = chat.send("What color is the circle?", images=[tmp_path / "a.png"])
+    reply = "".join(first)
+    assert first.route == "vision" and first.group == "image"
     # the reply is the greedy continuation of the same prompt
     ims = [loaded.process_image(media["square"])]
     ids = prompt_ids(loaded, template, [{"role": "user", "content": "<image>\nWhat color is the circle?"}], ims)
-    expected = loaded.tokenizer.decode(list(loaded.stream_ids(ids, ims, max_new_tokens=5,
-                                                              stop_token_ids=template.stop_token_ids)),
-                                       skip_special_tokens=True)
-    assert reply == expected and chat.history[-1] == {"role": "assistant", "content": reply}
-    "".join(chat.send("And the square?"))  # follow-up: the image stays in the prompt
-    assert chat.adapter == "vision" and len(chat.images) == 1
+    expected = loaded.tokenizer.decode(list(iter_token_ids(loaded, ids, 5, stop_token_ids=template.stop_token_ids,
+                                                           images=ims)), skip_special_tokens=True)
+    assert reply == expected and chat.history[-1] == Turn("assistant", reply)
+    follow = chat.send("And the square?")  # follow-up: the image stays in the prompt
+    "".join(follow)
+    assert follow.route == "vision" and follow.group == "image"
+    assert sum(len(t.images) for t in chat.history) == 1
     chat.reset()
-    "".join(chat.send("What is 2 + 2?"))
-    assert chat.adapter is None and chat.last_route.group == "text"
+    text_only = chat.send("What is 2 + 2?")
+    "".join(text_only)
+    assert text_only.route == "base model" and text_only.group == "text"
     with pytest.raises(MMTuneError, match="holds no composed model"):
         load_composed_for_chat(tmp_path / "nothing")
 

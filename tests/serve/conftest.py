@@ -30,9 +30,9 @@ def perturb(model, seed: int = 1, scale: float = 0.1) -> None:
 
 @pytest.fixture(scope="session")
 def text_backend(tiny_dir):
-    from mmtune.serve.backend import TextBackend
+    from mmtune.inference.models import TextChatModel
 
-    backend = TextBackend.from_dir(str(tiny_dir), name="tiny")
+    backend = TextChatModel.from_dir(str(tiny_dir), name="tiny")
     perturb(backend.model)
     return backend
 

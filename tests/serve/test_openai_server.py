@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from mmtune.generate import generate_text  # noqa: E402
+from mmtune.inference.generate import generate_text  # noqa: E402
 from mmtune.serve.openai_server import create_app  # noqa: E402
 
 MSG = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -183,9 +183,9 @@ def test_client_errors_surface_in_the_openai_client(client):
 def test_configurable_limits_and_api_key(text_backend):
     from starlette.testclient import TestClient
 
-    from mmtune.serve.backend import TextBackend
+    from mmtune.inference.models import TextChatModel
 
-    small = TextBackend(text_backend.model, text_backend.tokenizer, text_backend.template, "tiny",
+    small = TextChatModel(text_backend.model, text_backend.tokenizer, text_backend.template, "tiny",
                         max_prompt_tokens=16)
     app = create_app(small, "tiny", api_key="sekret", max_request_bytes=4096)
     with TestClient(app) as tc:
@@ -212,9 +212,9 @@ def test_image_and_audio_parts_reach_a_composed_model(composed_dir, tmp_path, ru
     import numpy as np
     import soundfile as sf
 
-    from mmtune.serve.backend import load_backend
+    from mmtune.inference.models import load_chat_model
 
-    backend = load_backend(str(composed_dir))
+    backend = load_chat_model(str(composed_dir))
     assert backend.modalities == {"text", "image", "audio"}
     wav = tmp_path / "tone.wav"
     sf.write(wav, (0.2 * np.sin(np.linspace(0, 2 * np.pi * 440, 16000))).astype("float32"), 16000)

@@ -1,4 +1,4 @@
-"""Chat backends: streamed decoding with token counts and stop strings, prompt limits,
+"""Chat models and sessions as the server and the UI use them: streamed decoding with token counts and stop strings, prompt limits,
 attachments a model cannot take, and one generation at a time."""
 
 from __future__ import annotations
@@ -9,30 +9,19 @@ import time
 
 import pytest
 
-from mmtune.generate import generate_text, iter_token_ids
-from mmtune.serve.backend import (
-    BASE_MODEL,
-    GenerationSettings,
-    InputError,
-    Reply,
-    TextBackend,
-    Turn,
-    default_model_name,
-    first_stop,
-    held_back,
-    load_backend,
-    split_attachments,
-    stream_decoded,
-)
+from mmtune.inference.generate import first_stop, generate_text, held_back, iter_token_ids, stream_text
+from mmtune.inference.models import TextChatModel, default_model_name, load_chat_model
+from mmtune.inference.session import Reply, respond
+from mmtune.inference.turns import BASE_MODEL, GenerationSettings, InputError, Turn, split_attachments
 
 
-def test_stream_decoded_matches_generate_text(text_backend):
+def test_stream_text_with_counts_matches_generate_text(text_backend):
     b = text_backend
     ids = b.template.prompt_ids([{"role": "user", "content": "Reverse the words: sun moon star"}])
     for temperature, seed in ((0.0, None), (0.8, 3)):
         reply = Reply(len(ids), BASE_MODEL)
         tokens = iter_token_ids(b.model, ids, 30, temperature, 0.95, b.template.stop_token_ids, seed)
-        text = "".join(stream_decoded(b.tokenizer, tokens, reply, 30))
+        text = "".join(stream_text(b.tokenizer, tokens, (), 30, reply))
         assert text == generate_text(b.model, b.tokenizer, ids, 30, temperature, 0.95, b.template.stop_token_ids, seed)
         n = len(list(iter_token_ids(b.model, ids, 30, temperature, 0.95, b.template.stop_token_ids, seed)))
         assert reply.completion_tokens == n
@@ -55,7 +44,7 @@ def test_stop_strings_on_random_token_streams(tiny_dir):
         a = rng.randrange(len(full) - 2)
         stops = [full[a:a + rng.randint(1, 3)], "\x00never"]
         reply = Reply(0, BASE_MODEL)
-        pieces = list(stream_decoded(tok, iter(ids), reply, 1000, stops))
+        pieces = list(stream_text(tok, iter(ids), stops, 1000, reply))
         expected = full[: first_stop(full, stops)]
         assert "".join(pieces) == expected
         assert reply.finish_reason == "stop"
@@ -75,26 +64,26 @@ def test_attachments_a_text_model_cannot_take(text_backend, tmp_path):
     img.write_bytes(b"\x89PNG")
     turns = [Turn("user", "What is in the picture?", images=[str(img)])]
     with pytest.raises(InputError) as e:
-        text_backend.start(turns, GenerationSettings(4, 0.0))
+        respond(text_backend, turns, GenerationSettings(4, 0.0))
     assert e.value.code == "unsupported_image" and "no vision encoder" in str(e.value)
-    reply = text_backend.start(turns, GenerationSettings(4, 0.0), strict=False)
+    reply = respond(text_backend, turns, GenerationSettings(4, 0.0), strict=False)
     assert len(reply.notes) == 1 and "no vision encoder" in reply.notes[0] and "cat.png" in reply.notes[0]
     text = reply.text()
-    plain = text_backend.start([Turn("user", "What is in the picture?")], GenerationSettings(4, 0.0)).text()
+    plain = respond(text_backend, [Turn("user", "What is in the picture?")], GenerationSettings(4, 0.0)).text()
     assert text == plain and reply.prompt_tokens == text_backend.count_prompt_tokens(turns)
     with pytest.raises(InputError) as e:
-        text_backend.start([Turn("user", "hi", audios=["a.wav"])], GenerationSettings(4, 0.0))
+        respond(text_backend, [Turn("user", "hi", audios=["a.wav"])], GenerationSettings(4, 0.0))
     assert e.value.code == "unsupported_audio" and "no audio encoder" in str(e.value)
 
 
 def test_prompt_limit_and_reply_cut_to_the_context(text_backend):
     b = text_backend
-    small = TextBackend(b.model, b.tokenizer, b.template, "tiny", max_prompt_tokens=12)
+    small = TextChatModel(b.model, b.tokenizer, b.template, "tiny", max_prompt_tokens=12)
     with pytest.raises(InputError) as e:
-        small.start([Turn("user", "one two three four five six seven eight nine")], GenerationSettings(4))
+        respond(small, [Turn("user", "one two three four five six seven eight nine")], GenerationSettings(4))
     assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
     with pytest.raises(InputError):
-        b.start([], GenerationSettings(4))
+        respond(b, [], GenerationSettings(4))
     # a prompt 8 tokens short of the context: the reply stops there with finish_reason "length"
     text = "a b " * 2000
     ids = b.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -103,7 +92,7 @@ def test_prompt_limit_and_reply_cut_to_the_context(text_backend):
     turns = [Turn("user", content)]
     n = b.count_prompt_tokens(turns)
     assert b.context_length - 12 <= n <= b.context_length - 4
-    reply = b.start(turns, GenerationSettings(max_new_tokens=256, temperature=0.0))
+    reply = respond(b, turns, GenerationSettings(max_new_tokens=256, temperature=0.0))
     reply.text()
     assert reply.completion_tokens <= b.context_length - n
     if reply.completion_tokens == b.context_length - n:
@@ -111,8 +100,8 @@ def test_prompt_limit_and_reply_cut_to_the_context(text_backend):
 
 
 def test_one_generation_at_a_time(text_backend):
-    first = iter(text_backend.start([Turn("user", "What is 3 + 4?")], GenerationSettings(64, 0.8, seed=1)))
-    second = iter(text_backend.start([Turn("user", "What is 5 + 4?")], GenerationSettings(8, 0.0)))
+    first = iter(respond(text_backend, [Turn("user", "What is 3 + 4?")], GenerationSettings(64, 0.8, seed=1)))
+    second = iter(respond(text_backend, [Turn("user", "What is 5 + 4?")], GenerationSettings(8, 0.0)))
     next(first)  # the first reply now holds the backend
     got = []
     worker = threading.Thread(target=lambda: got.append(next(second, None)), daemon=True)
@@ -125,9 +114,9 @@ def test_one_generation_at_a_time(text_backend):
     second.close()
 
 
-def test_load_backend_and_names(tiny_dir, tmp_path):
-    b = load_backend(str(tiny_dir))
-    assert isinstance(b, TextBackend) and b.modalities == {"text"} and b.default_route() == BASE_MODEL
+def test_load_chat_model_and_names(tiny_dir, tmp_path):
+    b = load_chat_model(str(tiny_dir))
+    assert isinstance(b, TextChatModel) and b.modalities == {"text"} and b.default_route() == BASE_MODEL
     assert b.describe()["context_length"] == 1024
     assert default_model_name("builtin:tiny") == "builtin:tiny"
     assert default_model_name("runs/quickstart/final") == "quickstart/final"
@@ -147,9 +136,9 @@ def test_lora_adapter_is_the_route(tiny_dir, tmp_path):
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     adapter = tmp_path / "my-adapter"
     model.save_pretrained(adapter)
-    b = TextBackend.from_dir(str(tiny_dir), str(adapter))
+    b = TextChatModel.from_dir(str(tiny_dir), str(adapter))
     assert b.name == "my-adapter" and b.default_route() == "LoRA adapter my-adapter"
-    reply = b.start([Turn("user", "Hi")], GenerationSettings(2, 0.0))
+    reply = respond(b, [Turn("user", "Hi")], GenerationSettings(2, 0.0))
     reply.text()
     assert reply.route == "LoRA adapter my-adapter"
 
@@ -160,11 +149,11 @@ def test_composed_model_backend_routes_by_modality(composed_dir, tmp_path):
     import soundfile as sf
     from PIL import Image
 
-    from mmtune.serve.multimodal_backend import MultimodalBackend, is_composed_model
+    from mmtune.inference.models import ComposedChatModel, is_composed_model
 
     assert is_composed_model(composed_dir) and not is_composed_model("builtin:tiny")
-    b = load_backend(str(composed_dir))
-    assert isinstance(b, MultimodalBackend) and b.modalities == {"text", "image", "audio"}
+    b = load_chat_model(str(composed_dir))
+    assert isinstance(b, ComposedChatModel) and b.modalities == {"text", "image", "audio"}
     img, wav = tmp_path / "red.png", tmp_path / "tone.wav"
     Image.new("RGB", (64, 64), (220, 20, 20)).save(img)
     sf.write(wav, (0.2 * np.sin(np.linspace(0, 2 * np.pi * 300, 8000))).astype("float32"), 16000)
@@ -172,18 +161,18 @@ def test_composed_model_backend_routes_by_modality(composed_dir, tmp_path):
     for name, turn in (("text", Turn("user", "Hi")), ("image", Turn("user", "Hi", images=[str(img)])),
                        ("audio", Turn("user", "Hi", audios=[str(wav)])),
                        ("both", Turn("user", "Hi", images=[str(img)], audios=[str(wav)]))):
-        reply = b.start([turn], GenerationSettings(3, 0.0))
+        reply = respond(b, [turn], GenerationSettings(3, 0.0))
         reply.text()
         routes[name], lengths[name] = reply.route, reply.prompt_tokens
     assert routes == {"text": "base model", "image": "vision", "audio": "speech", "both": "vision"}
     assert lengths["both"] == lengths["image"] + lengths["audio"] - lengths["text"]
     # media of earlier turns stay in the prompt: a follow-up is still routed to vision
-    follow = b.start([Turn("user", "Hi", images=[str(img)]), Turn("assistant", "A square."),
+    follow = respond(b, [Turn("user", "Hi", images=[str(img)]), Turn("assistant", "A square."),
                       Turn("user", "What colour?")], GenerationSettings(2, 0.0))
     follow.text()
     assert follow.route == "vision"
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(InputError) as e:
-        b.start([Turn("user", "Hi", images=[str(bad)])], GenerationSettings(2, 0.0))
+        respond(b, [Turn("user", "Hi", images=[str(bad)])], GenerationSettings(2, 0.0))
     assert e.value.code == "invalid_image" and "broken.png" in str(e.value)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from mmtune.config import validate_recipe
-from mmtune.serve.backend import GenerationSettings, TextBackend, Turn
+from mmtune.inference.models import TextChatModel
+from mmtune.inference.turns import GenerationSettings, Turn
 from mmtune.serve.reports import find_reports, read_report, report_label
 from mmtune.serve.train_job import TrainJob, total_steps
 from mmtune.serve.web import (
@@ -16,7 +17,7 @@ from mmtune.serve.web import (
     loss_frames,
     parse_overrides,
     progress_html,
-    start_reply,
+    reply_to,
     train_recipes,
 )
 
@@ -134,13 +135,17 @@ def test_chat_rendering_and_overrides():
 
 def test_old_turns_are_dropped_to_fit(text_backend):
     b = text_backend
-    small = TextBackend(b.model, b.tokenizer, b.template, "tiny", max_prompt_tokens=60)
-    turns = [Turn("system", "Be brief.")]
+    small = TextChatModel(b.model, b.tokenizer, b.template, "tiny", max_prompt_tokens=60)
+    hist = []
     for i in range(6):
-        turns += [Turn("user", f"question number {i} about words"), Turn("assistant", f"answer number {i}")]
-    turns.append(Turn("user", "last question"))
-    reply, dropped = start_reply(small, turns, GenerationSettings(2, 0.0))
+        hist += [{"role": "user", "text": f"question number {i} about words"},
+                 {"role": "assistant", "text": f"answer number {i}"}]
+    hist.append({"role": "user", "text": "last question"})
+    reply = reply_to(small, hist, "Be brief.", GenerationSettings(2, 0.0))
     reply.text()
+    dropped = reply.dropped
+    assert f"The {dropped} oldest messages were left out" in reply.notes[-1]
+    turns = [Turn("system", "Be brief.")] + [Turn(h["role"], h["text"]) for h in hist]
     assert dropped % 2 == 0 and dropped > 0
     kept = [turns[0]] + turns[1 + dropped:]
     assert reply.prompt_tokens == small.count_prompt_tokens(kept) <= 60

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..registry import Registry
+from .content import content_text, parse_content
 
 Sample = dict[str, Any]
 FormatFn = Callable[..., Sample]
@@ -152,27 +153,6 @@ def sharegpt(record: dict, text_field: str = "text") -> Sample:
     return {"messages": check_conversation(messages, fields or [key])}
 
 
-def _content_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _problem(f"{where}[{j}] is a '{kind}' part; only text parts are supported here",
-                               "unsupported_content", f"{where}[{j}]")
-        return "".join(texts)
-    raise _problem(f"{where} must be a string or a list of text parts, got {type(content).__name__}",
-                   "wrong_type", where)
-
-
 @FORMATS.register("messages")
 def messages_format(record: dict, text_field: str = "text") -> Sample:
     key, turns = _turn_list(record, ("messages",))
@@ -187,7 +167,8 @@ def messages_format(record: dict, text_field: str = "text") -> Sample:
                            f"{where}.role")
         if "content" not in turn:
             raise _problem(f"missing field 'content' in {where}", "missing_field", f"{where}.content")
-        messages.append({"role": role, "content": _content_text(turn["content"], f"{where}.content")})
+        parts = parse_content(turn["content"], f"{where}.content", kinds=("text",))
+        messages.append({"role": role, "content": content_text(parts)})
     return {"messages": check_conversation(messages, [f"{key}[{i}]" for i in range(len(messages))] or [key])}
 
 

@@ -105,7 +105,7 @@ class ChatTemplate(abc.ABC):
         return list(self.tokenizer(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
-        """Same as :meth:`prompt_ids` (the name ``mmtune.chat.ChatTemplate`` uses)."""
+        """Same as :meth:`prompt_ids`."""
         return self.prompt_ids(messages)
 
     @property

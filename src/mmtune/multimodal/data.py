@@ -35,8 +35,6 @@ ids restart per sample and no attention mask is passed, so samples never see eac
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import os
@@ -50,6 +48,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.content import ContentPart, decode_data_url, parse_content
 from ..data.formats import FORMATS, check_conversation
 from ..data.packing import collate_packed, collate_padded, pack_examples
 from ..data.sources import BadRecordStats, iter_raw, take
@@ -200,20 +199,9 @@ def resolve_media_path(root: Path, value, field: str) -> Path:
     return full
 
 
-def _data_url(value: str, field: str) -> bytes:
-    head, _, payload = value.partition(",")
-    if ";base64" not in head:
-        raise DataError(None, None, f"'{field}': only base64 data URLs are supported (data:<mime>;base64,...)",
-                        "bad_data_url", field)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise DataError(None, None, f"'{field}': the data URL is not valid base64", "bad_data_url", field) from None
-
-
 def _media(kind: str, value, root: Path, field: str) -> Media:
     if isinstance(value, str) and value.startswith("data:"):
-        return Media(kind, data=_data_url(value, field), field=field)
+        return Media(kind, data=decode_data_url(value, field)[0], field=field)
     return Media(kind, path=resolve_media_path(root, value, field), field=field)
 
 
@@ -248,27 +236,10 @@ def _llava(record: dict, root: Path) -> dict:
     return {"messages": messages, "images": media["image"], "audios": media["audio"]}
 
 
-def _part_media(part: dict, where: str, root: Path) -> Media:
-    kind = part.get("type")
-    if kind == "image_url":
-        ref = part.get("image_url")
-        value = ref.get("url") if isinstance(ref, dict) else ref
-        return _media("image", value, root, f"{where}.image_url")
-    if kind == "image":
-        return _media("image", part.get("image") or part.get("path"), root, f"{where}.image")
-    if kind == "audio":
-        return _media("audio", part.get("audio") or part.get("path"), root, f"{where}.audio")
-    ref = part.get("input_audio")
-    if not isinstance(ref, dict):
-        raise DataError(None, None, f"{where}.input_audio must be an object with `path`, `url` or base64 `data`",
-                        "wrong_type", f"{where}.input_audio")
-    if ref.get("data") is not None:
-        try:
-            return Media("audio", data=base64.b64decode(ref["data"], validate=True), field=f"{where}.input_audio.data")
-        except (binascii.Error, ValueError, TypeError):
-            raise DataError(None, None, f"{where}.input_audio.data is not valid base64", "bad_data_url",
-                            f"{where}.input_audio.data") from None
-    return _media("audio", ref.get("path") or ref.get("url"), root, f"{where}.input_audio")
+def _part_media(part: ContentPart, root: Path) -> Media:
+    if part.data is not None:
+        return Media(part.kind, data=part.data, field=part.field)
+    return Media(part.kind, path=resolve_media_path(root, part.ref, part.field), field=part.field)
 
 
 def _openai(record: dict, root: Path) -> dict:
@@ -280,26 +251,17 @@ def _openai(record: dict, root: Path) -> dict:
         where = f"messages[{i}]"
         if not isinstance(turn, dict) or "role" not in turn:
             raise DataError(None, None, f"{where} must be an object with 'role' and 'content'", "wrong_type", where)
-        content = turn.get("content")
-        if isinstance(content, str):
-            text = content
-        elif isinstance(content, list):
-            pieces: list[str] = []
-            for j, part in enumerate(content):
-                pw = f"{where}.content[{j}]"
-                if isinstance(part, str) or (isinstance(part, dict) and part.get("type", "text") == "text"):
-                    pieces.append(part if isinstance(part, str) else str(part.get("text", "")))
-                elif isinstance(part, dict) and part.get("type") in ("image_url", "image", "input_audio", "audio"):
-                    m = _part_media(part, pw, root)
-                    (images if m.kind == "image" else audios).append(m)
-                    pieces.append((IMAGE_TAG if m.kind == "image" else AUDIO_TAG) + "\n")
-                else:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise DataError(None, None, f"{pw} has unsupported type {kind!r}; supported: text, image_url, "
-                                    "image, input_audio, audio", "unsupported_content", pw)
-            text = "".join(pieces)
-        else:
+        if not isinstance(turn.get("content"), (str, list)):
             raise DataError(None, None, f"{where}.content must be a string or a list of parts", "wrong_type", where)
+        pieces: list[str] = []
+        for part in parse_content(turn["content"], f"{where}.content"):
+            if part.kind == "text":
+                pieces.append(part.text)
+                continue
+            m = _part_media(part, root)
+            (images if m.kind == "image" else audios).append(m)
+            pieces.append((IMAGE_TAG if m.kind == "image" else AUDIO_TAG) + "\n")
+        text = "".join(pieces)
         if turn["role"] not in ("system", "user", "assistant"):
             raise DataError(None, None, f"unknown role {turn['role']!r} in {where}", "unknown_role", f"{where}.role")
         messages.append({"role": turn["role"], "content": text})

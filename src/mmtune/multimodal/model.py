@@ -32,13 +32,12 @@ Saved layout (:meth:`ComposedModel.save`, :func:`load_composed`)::
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -365,47 +364,6 @@ class ComposedModel(nn.Module):
             loss = loss_sum / n.clamp_min(1)
         return ComposedOutput(out.logits, route, getattr(out, "past_key_values", None), loss)
 
-    @torch.no_grad()
-    def stream_ids(self, prompt_ids: Sequence[int], images: Sequence[ImageInput] = (),
-                   audios: Sequence[AudioInput] = (), max_new_tokens: int = 64, stop_token_ids: Iterable[int] = (),
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-        """Generated token ids one at a time (KV cache; greedy when ``temperature`` is 0), with the
-        router's adapter active throughout. Placeholder tokens are never generated; a stop token
-        ends generation and is not yielded."""
-        from ..models.sampling import top_p_filter
-
-        stops = {int(t) for t in stop_token_ids}
-        banned = [t for t in (self.image_token_id, self.audio_token_id) if t is not None]
-        gen = torch.Generator().manual_seed(seed) if (seed is not None and temperature > 0) else None
-        device = self.device
-        route = self.router.route(group_of(len(images), len(audios)))
-        was_training = self.training
-        self.eval()
-        try:
-            ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, T)
-            inputs = {"inputs_embeds": self.embed(ids, images, audios, route)}
-            extra = {"logits_to_keep": 1} if _accepts(_base_lm(self.language_model), "logits_to_keep") else {}
-            past = None
-            with self.router.activate(self.language_model, route):
-                for _ in range(max_new_tokens):
-                    out = self.language_model(**inputs, past_key_values=past, use_cache=True, **extra)
-                    past = out.past_key_values
-                    logits = out.logits[0, -1].float().cpu()  # (V,)
-                    if banned:
-                        logits[banned] = float("-inf")
-                    if temperature <= 0:
-                        tok = int(torch.argmax(logits))
-                    else:
-                        probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
-                        tok = int(torch.multinomial(probs, 1, generator=gen))
-                    if tok in stops:
-                        return
-                    yield tok
-                    inputs = {"input_ids": torch.tensor([[tok]], dtype=torch.long, device=device)}
-        finally:
-            if was_training:
-                self.train()
-
     # -- saving -------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the composed layout (module docstring) into ``directory`` atomically."""
@@ -472,13 +430,6 @@ class ComposedModel(nn.Module):
             out[k] = v.detach().contiguous().cpu()
         Path(directory).mkdir(parents=True, exist_ok=True)
         save_file(out, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
-
-
-def _accepts(module: nn.Module, kwarg: str) -> bool:
-    try:
-        return kwarg in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _lm_base_state(base: nn.Module) -> dict[str, torch.Tensor]:

@@ -81,6 +81,7 @@ def shuffled(items: list[dict], seed: int = 0) -> list[dict]:
 
 
 def exact_match_items(model, template, items: list[dict], max_new_tokens: int = 16) -> float:
+    from ..inference.generate import iter_token_ids
     from ..train.scoring import normalize_answer
     from .data import prompt_ids
 
@@ -90,7 +91,8 @@ def exact_match_items(model, template, items: list[dict], max_new_tokens: int = 
     stops = template.stop_token_ids
     for it in items:
         ids = prompt_ids(model, template, it["sample"]["messages"][:-1], it["images"], it["audios"])
-        out = list(model.stream_ids(ids, it["images"], it["audios"], max_new_tokens, stops))
+        out = list(iter_token_ids(model, ids, max_new_tokens, stop_token_ids=stops, images=it["images"],
+                                  audios=it["audios"]))
         answer = model.tokenizer.decode(out, skip_special_tokens=True)
         hits += normalize_answer(answer) == normalize_answer(it["reference"])
     return hits / len(items)

@@ -1,8 +1,7 @@
-"""Serving tuned models: chat backends, an OpenAI-compatible HTTP server and a web UI.
+"""Serving tuned models: an OpenAI-compatible HTTP server and a web UI, both answering through
+:class:`mmtune.inference.session.ChatSession` (as ``mmtune chat`` does) over a chat model from
+:func:`mmtune.inference.models.load_chat_model` (text or composed multimodal).
 
-- ``backend``: :class:`~mmtune.serve.backend.ChatBackend`, the one interface the server and the
-  UI talk to (a text backend for causal LMs; a multimodal backend for composed models), and
-  :func:`~mmtune.serve.backend.load_backend`, which picks one for a model directory.
 - ``openai_server``: ``mmtune serve MODEL_DIR`` (FastAPI: ``/v1/models``, ``/v1/chat/completions``).
 - ``web``: ``mmtune web`` (gradio: Chat, Train and Reports tabs).
 - ``train_job``: a training run in a background thread, with progress and a clean stop.

@@ -13,7 +13,8 @@ Endpoints (the subset of the OpenAI REST API that chat clients use):
 Every error is a 4xx/5xx status with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``: 404 ``model_not_found`` for another model
 id, 400 ``invalid_request_error`` for malformed JSON, missing or mistyped fields, a bad role, an
-unsupported content part or a prompt over the limit (``context_length_exceeded``), 413 for a
+unsupported content part or a last message that alone is over the limit
+(``context_length_exceeded``; earlier turns are left out first, as in ``mmtune chat``), 413 for a
 body over ``max_request_bytes``, 401 for a wrong API key when one is set.
 
 Defaults follow OpenAI's (``temperature`` 1, ``top_p`` 1); ``max_tokens`` defaults to
@@ -24,22 +25,19 @@ Defaults follow OpenAI's (``temperature`` 1, ``top_p`` 1); ``max_tokens`` defaul
 # (``request: Request`` with ``Request`` imported inside create_app).
 
 import argparse
-import base64
-import binascii
-import io
 import json
-import re
-import shutil
-import tempfile
 import time
 import uuid
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import MMTuneError
-from .backend import ENCODER_NAMES, ChatBackend, GenerationSettings, InputError, Turn
+from ..data.content import content_text, parse_content
+from ..errors import DataError, MMTuneError
+from ..inference.models import ChatModel
+from ..inference.session import respond
+from ..inference.turns import ENCODER_NAMES, GenerationSettings, InputError, Turn
+from ..multimodal.data import Media
 
 #: Request bodies above this size get a 413 before they are parsed (base64 images are large).
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -56,37 +54,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(_Strict):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None
-
-
-class ImagePart(_Strict):
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(_Strict):
-    data: str
-    format: Literal["wav", "mp3"]
-
-
-class AudioPart(_Strict):
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
-
-
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[dict] | None = None  # parts: mmtune.data.content.parse_content
     name: str | None = None
 
 
@@ -179,90 +149,49 @@ def validation_error(err: ValidationError) -> APIError:
 # ---------------------------------------------------------------------------------------------
 # Content parts -> turns
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+#: Error codes of the content parser's reasons (mmtune.data.content).
+_PART_CODES = {"bad_data_url": "invalid_base64"}
 
 
-def _b64(data: str, param: str, what: str) -> bytes:
-    if len(data) * 3 // 4 > MAX_ATTACHMENT_BYTES:
-        raise APIError(400, f"The {what} at '{param}' is over {MAX_ATTACHMENT_BYTES // 2**20} MiB.", param,
-                       "attachment_too_large")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"The {what} at '{param}' is not valid base64.", param, "invalid_base64") from None
-
-
-def decode_image(url: str, param: str, workdir: Path) -> str:
-    """Write a ``data:image/...;base64,`` URL to a file in ``workdir``; 400 unless it is an image."""
-    from PIL import Image, UnidentifiedImageError
-
-    m = _DATA_URL.match(url)
-    if m is None:
-        raise APIError(400, f"'{param}' must be a data URL (data:image/png;base64,...): this server does not "
-                       "fetch images from the network.", param, "invalid_image_url")
-    if not m["b64"]:
-        raise APIError(400, f"'{param}' must be base64-encoded (data:image/png;base64,...).", param,
-                       "invalid_image_url")
-    raw = _b64(m["data"], param, "image")
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            fmt = (im.format or "png").lower()
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise APIError(400, f"The image at '{param}' could not be decoded (PNG, JPEG, GIF, WebP and BMP are "
-                       "read).", param, "invalid_image") from None
-    path = workdir / f"image-{uuid.uuid4().hex[:8]}.{fmt}"
-    path.write_bytes(raw)
-    return str(path)
-
-
-def decode_audio(data: str, fmt: str, param: str, workdir: Path) -> str:
-    """Write base64 ``wav``/``mp3`` audio to a file in ``workdir``; 400 unless it decodes."""
-    import soundfile
-
-    raw = _b64(data, param, "audio")
-    path = workdir / f"audio-{uuid.uuid4().hex[:8]}.{fmt}"
-    path.write_bytes(raw)
-    try:
-        soundfile.info(str(path))
-    except (RuntimeError, soundfile.LibsndfileError):
-        raise APIError(400, f"The audio at '{param}' could not be decoded as {fmt}.", param, "invalid_audio") from None
-    return str(path)
-
-
-def to_turns(messages: list[Message], backend: ChatBackend, workdir: Path) -> list[Turn]:
-    """Request messages -> backend turns; attachments are decoded into ``workdir``."""
+def to_turns(messages: list[Message], model: ChatModel) -> list[Turn]:
+    """Request messages -> turns. Content parts go through the data layer's parser
+    (:func:`mmtune.data.content.parse_content`); images and audio must be inline (a
+    ``data:`` URL or base64 ``input_audio.data``): this server never fetches URLs or reads files."""
     turns = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None:
             raise APIError(400, f"Missing required parameter: 'messages[{i}].content'.", f"messages[{i}].content",
                            "missing_required_parameter")
-        turn = Turn(role)
-        if isinstance(msg.content, str):
-            turn.text = msg.content
-            turns.append(turn)
-            continue
-        texts = []
-        for j, part in enumerate(msg.content):
-            param = f"messages[{i}].content[{j}]"
-            if isinstance(part, TextPart):
-                texts.append(part.text)
+        try:
+            parts = parse_content(msg.content, f"messages[{i}].content")
+        except DataError as e:
+            raise APIError(400, f"Invalid value for '{e.field}': {e.problem}.", e.field,
+                           _PART_CODES.get(e.reason, "invalid_value")) from None
+        turn = Turn(role, content_text(parts))
+        for part in parts:
+            if part.kind == "text":
                 continue
-            kind = "image" if isinstance(part, ImagePart) else "audio"
             if role != "user":
-                raise APIError(400, f"'{param}': {kind} content is only allowed in user messages.", param,
-                               "invalid_content_part")
-            if kind not in backend.modalities:
-                raise APIError(400, f"Model '{backend.name}' has no {ENCODER_NAMES[kind]}: it cannot take "
-                               f"'{part.type}' content ('{param}'). Send text only, or serve a composed "
-                               f"multimodal model with a {ENCODER_NAMES[kind]}.", param, f"unsupported_{kind}")
-            if isinstance(part, ImagePart):
-                turn.images.append(decode_image(part.image_url.url, f"{param}.image_url.url", workdir))
-            else:
-                turn.audios.append(decode_audio(part.input_audio.data, part.input_audio.format,
-                                                f"{param}.input_audio.data", workdir))
-        turn.text = "\n".join(texts)
+                raise APIError(400, f"'{part.where}': {part.kind} content is only allowed in user messages.",
+                               part.where, "invalid_content_part")
+            if part.kind not in model.modalities:
+                raise APIError(400, f"Model '{model.name}' has no {ENCODER_NAMES[part.kind]}: it cannot take "
+                               f"{part.kind} content ('{part.where}'). Send text only, or serve a composed "
+                               f"multimodal model with a {ENCODER_NAMES[part.kind]}.", part.where,
+                               f"unsupported_{part.kind}")
+            if part.data is None:
+                raise APIError(400, f"'{part.field}' must be a data URL (data:image/png;base64,...) or base64 data: "
+                               "this server does not fetch URLs or read files.", part.field, f"invalid_{part.kind}_url"
+                               if part.kind == "image" else "invalid_audio")
+            if len(part.data) > MAX_ATTACHMENT_BYTES:
+                raise APIError(400, f"The {part.kind} at '{part.field}' is over {MAX_ATTACHMENT_BYTES // 2**20} MiB.",
+                               part.field, "attachment_too_large")
+            if part.kind == "audio" and part.format not in (None, "wav", "mp3"):
+                raise APIError(400, f"Invalid value for '{part.where}.input_audio.format': 'wav' or 'mp3' (got "
+                               f"{part.format!r}).", f"{part.where}.input_audio.format", "invalid_value")
+            (turn.images if part.kind == "image" else turn.audios).append(
+                Media(part.kind, data=part.data, field=part.field))
         turns.append(turn)
     return turns
 
@@ -287,12 +216,17 @@ def settings_from(req: ChatCompletionRequest, default_max_tokens: int) -> Genera
 # The app
 
 
-def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: str | None = None,
+def create_app(model: ChatModel, model_name: str | None = None, *, api_key: str | None = None,
                default_max_tokens: int = DEFAULT_MAX_TOKENS, max_request_bytes: int = MAX_REQUEST_BYTES):
-    """A FastAPI app serving ``backend`` under the id ``model_name`` (default: ``backend.name``).
+    """A FastAPI app serving ``model`` under the id ``model_name`` (default: ``model.name``).
 
     ``api_key``: when set, requests must send ``Authorization: Bearer <api_key>``.
-    The prompt limit is the backend's (``backend.max_prompt_tokens`` and its context length).
+    Every request is answered by a :class:`~mmtune.inference.session.ChatSession` over its
+    messages, so a conversation longer than the context follows the same policy as ``mmtune
+    chat`` and the web UI (:mod:`mmtune.inference.context`): the oldest exchanges are left out
+    (said in the reply's ``mmtune.notes`` and ``mmtune.dropped_messages``), and a last message
+    that alone is over the limit (``model.max_prompt_tokens`` and the context) is refused with
+    ``context_length_exceeded``.
     """
     from . import require
 
@@ -302,7 +236,7 @@ def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: 
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    model_name = model_name or backend.name
+    model_name = model_name or model.name
     created = int(time.time())
     app = FastAPI(title="mmtune OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -323,7 +257,7 @@ def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: 
 
     def _model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "mmtune",
-                "modalities": sorted(backend.modalities), "context_length": backend.context_length}
+                "modalities": sorted(model.modalities), "context_length": model.context_length}
 
     def _auth(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -371,17 +305,16 @@ def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: 
             raise APIError(404, f"The model '{req.model}' does not exist: this server serves '{model_name}'.",
                            "model", "model_not_found")
         settings = settings_from(req, default_max_tokens)
-        workdir = Path(tempfile.mkdtemp(prefix="mmtune-serve-"))
         try:
-            turns = await run_in_threadpool(to_turns, req.messages, backend, workdir)
-            reply = await run_in_threadpool(backend.start, turns, settings, True)
+            turns = await run_in_threadpool(to_turns, req.messages, model)
+            reply = await run_in_threadpool(respond, model, turns, settings, True)
         except InputError as e:
-            shutil.rmtree(workdir, ignore_errors=True)
             raise APIError(400, str(e), e.param, e.code) from None
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def extension() -> dict:
+            """mmtune's own fields of a response: the adapter that answered, notes, dropped turns."""
+            return {"route": reply.route, "notes": reply.notes, "dropped_messages": reply.dropped}
 
         def usage() -> dict:
             return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
@@ -392,11 +325,10 @@ def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: 
                 text = await run_in_threadpool(reply.text)
             finally:
                 await run_in_threadpool(reply.close)
-                shutil.rmtree(workdir, ignore_errors=True)
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": reply.finish_reason, "logprobs": None}],
-                    "usage": usage(), "mmtune": {"route": reply.route, "notes": reply.notes}}
+                    "usage": usage(), "mmtune": extension()}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -426,7 +358,6 @@ def create_app(backend: ChatBackend, model_name: str | None = None, *, api_key: 
                 yield f"data: {json.dumps(APIError(500, str(e), type='server_error').body())}\n\n"
             finally:
                 await run_in_threadpool(reply.close)
-                shutil.rmtree(workdir, ignore_errors=True)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -444,16 +375,16 @@ def serve(model_dir: str, adapter: str | None = None, host: str = "127.0.0.1", p
           api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS, log=print) -> None:
     """Load the model and serve it until interrupted (uvicorn)."""
     from . import require
-    from .backend import load_backend
-
     uvicorn = require("uvicorn", "mmtune serve")
 
     log(f"loading {model_dir}" + (f" with adapter {adapter}" if adapter else ""))
-    backend = load_backend(model_dir, adapter, template, model_name, max_prompt_tokens)
-    app = create_app(backend, model_name, api_key=api_key, default_max_tokens=default_max_tokens)
+    from ..inference.models import load_chat_model
+
+    model = load_chat_model(model_dir, adapter, template, model_name, max_prompt_tokens)
+    app = create_app(model, model_name, api_key=api_key, default_max_tokens=default_max_tokens)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model")
-    log(f"serving '{model_name or backend.name}' ({', '.join(sorted(backend.modalities))}) at "
+    log(f"serving '{model_name or model.name}' ({', '.join(sorted(model.modalities))}) at "
         f"http://{host}:{port}/v1  (OpenAI client: base_url='http://{host}:{port}/v1', any api_key"
         + (" you set" if api_key else "") + ")")
     uvicorn.run(app, host=host, port=port, log_level="info")

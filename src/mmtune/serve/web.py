@@ -25,15 +25,10 @@ import threading
 from pathlib import Path
 
 from ..errors import MMTuneError
-from .backend import (
-    BASE_MODEL,
-    ChatBackend,
-    GenerationSettings,
-    InputError,
-    Turn,
-    load_backend,
-    split_attachments,
-)
+from ..inference.models import ChatModel as ChatBackend
+from ..inference.models import load_chat_model
+from ..inference.session import ChatSession, Reply
+from ..inference.turns import BASE_MODEL, GenerationSettings, Turn, split_attachments
 from .reports import find_reports, read_report, report_label
 from .train_job import TrainJob
 
@@ -96,7 +91,7 @@ class ModelSlot:
 
     def load(self, model: str, adapter: str | None = None) -> ChatBackend:
         with self._lock:
-            backend = load_backend(model, adapter or None, self.template, max_prompt_tokens=self.max_prompt_tokens)
+            backend = load_chat_model(model, adapter or None, self.template, max_prompt_tokens=self.max_prompt_tokens)
             self.backend, self.model, self.adapter = backend, model, adapter or None
             return backend
 
@@ -162,19 +157,13 @@ def chat_messages(history: list[dict]) -> list[dict]:
     return msgs
 
 
-def start_reply(backend: ChatBackend, turns: list[Turn], settings: GenerationSettings):
-    """Start a reply, dropping the oldest exchanges (after the system prompt) while the prompt is
-    too long, as the terminal chat does. Returns ``(reply, dropped_turns)``."""
-    system = [t for t in turns[:1] if t.role == "system"]
-    rest = turns[len(system):]
-    dropped = 0
-    while True:
-        try:
-            return backend.start(system + rest, settings, strict=False), dropped
-        except InputError as e:
-            if e.code != "context_length_exceeded" or len(rest) <= 1:
-                raise
-            rest, dropped = rest[2:], dropped + 2
+def reply_to(backend: ChatBackend, history: list[dict], system_text: str, settings: GenerationSettings) -> Reply:
+    """The reply to the chat tab's conversation (``history``: its ``{"role", "text", "images",
+    "audios"}`` entries): a :class:`~mmtune.inference.session.ChatSession` over it, not strict
+    (attachments the model cannot see get a note), so a conversation longer than the context
+    loses its oldest exchanges as in the terminal chat."""
+    turns = [Turn(h["role"], h["text"], list(h.get("images", [])), list(h.get("audios", []))) for h in history]
+    return ChatSession(backend, turns, system_prompt=(system_text or "").strip() or None).respond(settings)
 
 
 def progress_html(job: TrainJob | None, rows: list[dict] | None = None) -> str:
@@ -403,23 +392,18 @@ def build_app(model: str | None = None, adapter: str | None = None, *, template:
                                 "right and press **Load model**.", "notes": []}]
                 yield chat_messages(hist), hist, route_html(None, False)
                 return
-            turns = [Turn("system", system_text.strip())] if (system_text or "").strip() else []
-            turns += [Turn(h["role"], h["text"], list(h.get("images", [])), list(h.get("audios", []))) for h in hist]
             seed_text = str(seed_value or "").strip()
             if seed_text and not seed_text.lstrip("-").isdigit():
                 gr.Warning(f"Seed {seed_text!r} is not an integer: sampling with a random seed.")
             settings = GenerationSettings(int(max_new), float(temp), float(topp),
                                           int(seed_text) if seed_text.lstrip("-").isdigit() else None)
             try:
-                reply, dropped = start_reply(b, turns, settings)
+                reply = reply_to(b, hist, system_text, settings)
             except MMTuneError as e:
                 hist = [*hist, {"role": "assistant", "text": f"⚠️ {e}", "notes": []}]
                 yield chat_messages(hist), hist, gr.skip()
                 return
-            notes = list(reply.notes)
-            if dropped:
-                notes.append(f"The {dropped} oldest messages were left out to fit the model's context.")
-            entry = {"role": "assistant", "text": "", "notes": notes, "route": reply.route}
+            entry = {"role": "assistant", "text": "", "notes": list(reply.notes), "route": reply.route}
             hist = [*hist, entry]
             yield chat_messages(hist), hist, route_html(reply.route)
             try:
