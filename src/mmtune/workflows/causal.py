@@ -82,7 +82,8 @@ def build_causal_model(recipe, plan, log=print):
 def build_causal_trainer(recipe, plan, dist, rows, collate, *, eval_rows=None, log=print, **trainer_kwargs) -> Trainer:
     """Model (:func:`build_causal_model`), objective (the fused loss when the plan says so),
     distributed wrapper and :class:`Trainer` of a causal run: ``mmtune train`` and
-    ``benchmarks/gpu_sft.py`` both build their run here. ``trainer_kwargs`` go to the Trainer."""
+    ``benchmarks/gpu_sft.py`` both build their run here. ``trainer_kwargs`` go to the Trainer
+    (tokenizer, generate_fn, stop_flag, meta); checkpoints carry ``recipe``."""
     model = build_causal_model(recipe, plan, log)
     objective_cls = OBJECTIVES.get(recipe.objective)
     objective = (fused_objective(plan) if plan.fused
@@ -92,7 +93,8 @@ def build_causal_trainer(recipe, plan, dist, rows, collate, *, eval_rows=None, l
     if dist.world_size > 1:
         log(f"distributed: {par.strategy} over {dist.world_size} processes")
     trainer = Trainer(par.model, objective, rows, collate, recipe.train, eval_rows=eval_rows,
-                      train_module=par.train_module, device=dist.device, **trainer_kwargs)
+                      recipe=recipe.model_dump(mode="json"), train_module=par.train_module, device=dist.device,
+                      **trainer_kwargs)
     par.attach(trainer)
     return trainer
 
@@ -126,8 +128,7 @@ class CausalWorkflow(Workflow):
         trainer = build_causal_trainer(
             recipe, plan, dist, rows, collate, eval_rows=eval_rows, log=log, tokenizer=tokenizer,
             generate_fn=make_generate_fn(tokenizer, template, recipe.train.max_new_tokens),
-            recipe=recipe.model_dump(mode="json"), stop_flag=ctx.stop_flag,
-            meta={"adapter": recipe.adapter.type, "base_model": str(base_dir),
+            stop_flag=ctx.stop_flag, meta={"adapter": recipe.adapter.type, "base_model": str(base_dir),
                   "template": recipe.data.template, "objective": recipe.objective})
         result = trainer.fit(resume=ctx.resume)
         final = trainer.save(name="final")
