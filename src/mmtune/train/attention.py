@@ -7,8 +7,9 @@ mmtune.data.packing); no attention mask is passed. transformers then isolates th
 - ``flash_attention_2`` / ``flash_attention_3`` (flash-attn installed, CUDA, fp16/bf16): the
   variable-length kernel over the concatenated samples (``flash_attn_varlen_func`` with
   cumulative sequence lengths). No mask and no padding FLOPs; the fastest choice. The
-  boundaries can be given per batch (:func:`packed_attention_kwargs`) so they are not
-  re-derived from ``position_ids`` (with a device sync) in every layer.
+  boundaries are given per batch (the collate's ``varlen`` mode, :func:`packed_attention_kwargs`):
+  transformers derives them from ``position_ids`` only for a one-row batch, and then in every
+  layer with a device sync. The speed plan (:mod:`mmtune.train.fast_path`) turns that mode on.
 - ``sdpa``: PyTorch's scaled_dot_product_attention with the block-diagonal causal mask that
   transformers derives from ``position_ids`` (``masking_utils.find_packed_sequence_indices``).
   Runs everywhere (the CPU default); a mask rules out SDPA's flash backend on GPUs.
