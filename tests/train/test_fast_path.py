@@ -25,13 +25,13 @@ def fake_gpu(monkeypatch):
     'installed' as far as their availability checks can tell."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    installed = {"flash": True, "liger": True}
+    installed = {"flash": True, "liger_kernel": True, "triton": True}
     monkeypatch.setattr(attention, "flash_available", lambda version=2: installed["flash"] and version == 2)
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args):
-        if name == "liger_kernel":
-            return importlib.machinery.ModuleSpec("liger_kernel", None) if installed["liger"] else None
+        if name in ("liger_kernel", "triton"):
+            return importlib.machinery.ModuleSpec(name, None) if installed[name] else None
         return real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
@@ -71,12 +71,14 @@ def test_gpu_plan_takes_flash_varlen_liger_bf16_and_compile(fake_gpu):
 
 
 def test_gpu_plan_without_the_optional_packages(fake_gpu):
-    fake_gpu.update(flash=False, liger=False)
+    fake_gpu.update(flash=False, liger_kernel=False)
     plan = plan_speed("cuda")
     assert plan.attention.implementation == "sdpa" and "flash-attn is not installed" in plan.attention.reason
     assert plan.packing == "position_ids"
     assert plan.loss == "chunked" and "liger-kernel is not installed" in plan.reasons["loss"]
     assert plan.dtype == torch.bfloat16 and plan.bf16_autocast and plan.compile
+    fake_gpu.update(triton=False)
+    assert not plan_speed("cuda").compile and "triton" in plan_speed("cuda").reasons["compile"]
 
 
 def test_plan_for_recipe_reads_the_settings(fake_gpu):

@@ -160,6 +160,8 @@ def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool) -> tu
         return False, "auto: one process only (set train.compile=true to compile under DDP/FSDP)"
     if quantized:
         return False, "auto: not with 4-bit (bitsandbytes) weights"
+    if importlib.util.find_spec("triton") is None:
+        return False, "auto: triton (torch.compile's GPU code generator) is not installed"
     return True, "auto on CUDA: the decoder, in place (1.5B packed: +37% tokens/s, REFERENCE.md section 5)"
 
 
