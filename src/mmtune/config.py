@@ -134,8 +134,9 @@ class TrainConfig(Section):
         "same speed, REFERENCE.md section 5); on CPU as the objective says (`sft-fused` fuses).")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the decoder (in place; checkpoints keep their names). `auto`: on a "
-        "CUDA GPU in one process, unquantized, with triton installed (1.5B packed + fused CE: 19.1k -> 26.1k tokens/s on an H100, "
-        "REFERENCE.md section 5); not on CPU, where it was not measured to pay for its compile time.")
+        "CUDA GPU in one process, unquantized, with triton installed (1.5B packed + fused CE: 19.1k -> 26.1k "
+        "tokens/s on an H100, REFERENCE.md section 5); not on CPU, where it was not measured to pay for its "
+        "compile time.")
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
     progress: bool = Field(True, description="Show a progress bar.")
 
