@@ -4,14 +4,19 @@ For each model size (random-init Qwen2-shaped 0.5B and 1.5B, bf16, no weights ne
 same synthetic log-normal sample lengths (median ~350 tokens, docs/reference/performance.md#benchmark-sample-lengths):
 
 - baseline: the anchor script ``shared/bench/hf_peft_baseline.py`` (imported by path at run
-  time from ``../shared/bench`` next to the repository root, or ``--baseline PATH``), its
+  time from ``../shared/bench`` next to the repository root, ``$MMTUNE_BASELINE`` or
+  ``--baseline PATH``), its
   ``run(size, "packed", ...)``: PEFT LoRA r=16 on all linear layers, greedy packing into rows of
   4096 tokens, position ids restarting per sample, SDPA, fused AdamW, plain HF loss;
-- mmtune: the same model shape and LoRA (``mmtune.models.adapters.apply_adapter``), mmtune's
-  best-fit-decreasing packing of the same lengths, the attention chosen by
-  ``mmtune.train.attention.choose_attention`` (flash-attention varlen when installed, else
-  SDPA with the block-diagonal mask), the fused chunked cross-entropy objective (Liger-Kernel
-  on CUDA when installed), bf16 autocast, and the mmtune Trainer's step (clipping, schedule).
+- mmtune: the same random-init model saved as a Hugging Face directory and trained by the code
+  ``mmtune train`` runs, with no set-up of its own: a recipe (LoRA r=16 on all linear layers,
+  ``model.attn_implementation=--attn``, ``train.compile=--compile``, the fused loss unless
+  ``--no-fused-ce``), its speed plan (``mmtune.train.fast_path.plan_for_recipe``: flash-attention
+  varlen when installed, else SDPA with the block-diagonal mask; bf16 weights and autocast;
+  Liger-Kernel's fused linear cross-entropy when installed, else mmtune's chunked one; compile),
+  the plan's collate and ``mmtune.workflows.causal.build_causal_trainer`` (model loading, LoRA,
+  objective, the Trainer's step with clipping and schedule). Only the rows are synthetic: the
+  same lengths, packed best-fit-decreasing.
 
 Both are timed the same way (3 warm-up steps, then steps for ``--seconds``, synchronising every
 4 steps) and report real (non-padding) tokens/s, peak GPU memory and MFU = 6 x params x
@@ -39,7 +44,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BASELINE = REPO.parent / "shared" / "bench" / "hf_peft_baseline.py"
+#: The anchor script; ``$MMTUNE_BASELINE`` names another place (a checkout without ../shared).
+DEFAULT_BASELINE = Path(os.environ.get("MMTUNE_BASELINE", REPO.parent / "shared" / "bench" / "hf_peft_baseline.py"))
 #: A Qwen2 shape small enough for a CPU dry run (every size in the table is random-init anyway).
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, tie_word_embeddings=True)
@@ -67,8 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing on both sides")
     ap.add_argument("--baseline-liger", action="store_true", help="the baseline with Liger's fused CE too")
     ap.add_argument("--attn", default="auto", help="mmtune attention: auto | flash_attention_2 | sdpa | ...")
-    ap.add_argument("--no-fused-ce", action="store_true", help="mmtune with the plain (logits) loss")
-    ap.add_argument("--compile", action="store_true", help="torch.compile mmtune's decoder")
+    ap.add_argument("--no-fused-ce", action="store_true", help="mmtune with the plain (logits) loss "
+                    "(train.fused_loss=false; default true: Liger where installed, else chunked)")
+    ap.add_argument("--compile", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
+                    choices=["auto", True, False], help="mmtune's train.compile: auto (the decoder on CUDA) | true | false")
     ap.add_argument("--only", choices=["both", "mmtune", "baseline"], default="both")
     ap.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="path to hf_peft_baseline.py")
     ap.add_argument("--json", default=None, help="write the rows here (default $OUT/gpu_sft.json when $OUT is set)")
@@ -150,52 +158,84 @@ def timed(step, n_tokens, device: torch.device, seconds: float) -> tuple[float, 
     return toks / (time.perf_counter() - t0), steps
 
 
+def save_random_model(shape: dict, device: torch.device, dtype: torch.dtype, where: Path) -> Path:
+    """A random-init Qwen2 of ``shape`` (seed 0) saved as a Hugging Face directory: the
+    ``model.path`` that mmtune's side loads like any user's model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**shape, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    model.save_pretrained(where)
+    del model
+    return where
+
+
+def mmtune_recipe(model_dir: Path, args, out_dir: Path):
+    """The recipe ``mmtune train`` would run for this measurement (validated by the same schema)."""
+    from mmtune.config import validate_recipe
+
+    return validate_recipe({
+        "model": {"path": str(model_dir), "dtype": "auto", "attn_implementation": args.attn,
+                  "gradient_checkpointing": args.gc},
+        "adapter": {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "targets": LORA_TARGETS},
+        "data": {"packing": True, "max_length": args.seq},
+        "train": {"output_dir": str(out_dir), "batch_size": args.rows, "max_steps": 10**6, "lr": 1e-4,
+                  "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": 1.0, "precision": "auto",
+                  "fused_loss": not args.no_fused_ce, "compile": args.compile, "progress": False,
+                  "tensorboard": False},
+    }, "benchmarks/gpu_sft.py")
+
+
 def run_mmtune(bl, size: str, args, device: torch.device) -> dict:
-    from mmtune.config import AdapterConfig, TrainConfig
-    from mmtune.data.packing import collate_packed
-    from mmtune.models.adapters import apply_adapter
-    from mmtune.train.attention import choose_attention
-    from mmtune.train.fused_ce import FusedCausalLMObjective
-    from mmtune.train.loop import Trainer
-    from mmtune.train.objectives import CausalLMObjective
+    """mmtune's side through ``mmtune train``'s own code: the recipe's speed plan
+    (``plan_for_recipe``), the plan's collate (``causal_collate``) and
+    ``build_causal_trainer`` (model loading with the plan's kernel, dtype and checkpointing,
+    LoRA, compile, the fused-loss objective, the Trainer). Only the rows are synthetic."""
+    import tempfile
+
+    from mmtune.distributed import init_distributed
+    from mmtune.train.fast_path import causal_collate, plan_for_recipe
+    from mmtune.workflows.causal import build_causal_trainer
 
     shape = size_config(bl, size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    attn = choose_attention(args.attn, device=device, dtype=dtype)
-    model = make_model(shape, device, dtype, attn.implementation, args.gc)
-    model = apply_adapter(model, AdapterConfig(r=16, alpha=32, dropout=0.0, targets=LORA_TARGETS))
-    if args.compile:
-        model.get_base_model().model.compile()
-    n_total = sum(p.numel() for p in model.parameters())
-    # Enough samples for the window at ~50k tokens/s (GPU) or the dry run's few steps.
-    n_samples = 2000 if device.type != "cuda" else int(max(4000, 100_000 * (args.seconds + 10) / 350))
-    rows = mmtune_rows(lengths_for(bl, args.seq, n_samples), args.seq, shape["vocab_size"])
-    objective = CausalLMObjective() if args.no_fused_ce else FusedCausalLMObjective()
-    cfg = TrainConfig(output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "mmtune-gpu-sft"), batch_size=args.rows,
-                      max_steps=10**6, lr=1e-4, warmup_steps=0, scheduler="constant", max_grad_norm=1.0,
-                      precision="bf16" if device.type == "cuda" else "fp32", progress=False, tensorboard=False)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    with tempfile.TemporaryDirectory(dir=tmp, prefix="mmtune-gpu-sft-") as work:
+        work = Path(work)
+        recipe = mmtune_recipe(work / "model", args, work / "run")
+        dist = init_distributed(recipe.distributed)
+        plan = plan_for_recipe(recipe, dist.device, dist.world_size)
+        for line in plan.lines():
+            print(line, flush=True)
+        save_random_model(shape, device, plan.dtype, work / "model")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        # Enough samples for the window at ~50k tokens/s (GPU) or the dry run's few steps.
+        n_samples = 2000 if device.type != "cuda" else int(max(4000, 100_000 * (args.seconds + 10) / 350))
+        rows = mmtune_rows(lengths_for(bl, args.seq, n_samples), args.seq, shape["vocab_size"])
+        collate = causal_collate(plan, pad_id=0)
+        last = {"real": 0}
 
-    last = {"real": 0}
+        def counted(batch):  # the plan's collate, counting the real (non-padding) tokens
+            last["real"] = sum(len(r["input_ids"]) for r in batch)
+            return collate(batch)
 
-    def collate(batch):
-        out = collate_packed(batch, pad_id=0)
-        out.update(attn.forward_kwargs(out["position_ids"]))  # flash varlen boundaries, once per batch
-        last["real"] = sum(len(r["input_ids"]) for r in batch)  # real (non-padding) tokens
-        return out
+        trainer = build_causal_trainer(recipe, plan, dist, rows, counted, log=lambda *a: None)
+        n_total = sum(p.numel() for p in trainer.model.parameters())
 
-    trainer = Trainer(model, objective, rows, collate, cfg, device=device)
+        def step():
+            trainer.train_step()
+            return last["real"]
 
-    def step():
-        trainer.train_step()
-        return last["real"]
-
-    tps, steps = timed(step, lambda n: n, device, args.seconds)
-    row = dict(side="mmtune", size=size, attn=attn.implementation, fused_ce=not args.no_fused_ce, gc=args.gc,
-               compile=args.compile, rows=args.rows, seq=args.seq, tokens_per_s=round(tps), steps=steps,
-               params_M=round(n_total / 1e6), **memory_and_mfu(device, n_total, tps))
+        tps, steps = timed(step, lambda n: n, device, args.seconds)
+        loaded = trainer.model.get_base_model().config._attn_implementation
+    row = dict(side="mmtune", size=size, attn=loaded, fused_ce=plan.fused, loss=plan.loss, packing=plan.packing,
+               gc=plan.gradient_checkpointing, compile=plan.compile, rows=args.rows, seq=args.seq,
+               tokens_per_s=round(tps), steps=steps, params_M=round(n_total / 1e6), **memory_and_mfu(device, n_total, tps))
     return row
 
 

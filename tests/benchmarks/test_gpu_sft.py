@@ -1,13 +1,18 @@
-"""benchmarks/gpu_sft.py: importable, its arguments parse, and --dry-run runs both sides end to
-end on CPU with a tiny Qwen2 (the GPU numbers need a GPU; see the module docstring)."""
+"""benchmarks/gpu_sft.py: importable, its arguments parse, its mmtune side is the code of `mmtune
+train` (the recipe's speed plan and build_causal_trainer, no set-up of its own), and --dry-run
+runs both sides end to end on CPU with a tiny Qwen2 (the GPU numbers need a GPU; see the module
+docstring)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +63,34 @@ def test_dry_run(bench, tmp_path):
     ratio = sides["mmtune/baseline"]["tokens_per_s"]
     assert ratio == round(sides["mmtune"]["tokens_per_s"] / sides["baseline"]["tokens_per_s"], 3)
     assert json.loads(out.read_text()) == rows
+
+
+def test_mmtune_side_is_the_mmtune_train_code(bench, monkeypatch):
+    import mmtune.workflows.causal as causal
+
+    built = []
+    real = causal.build_causal_trainer
+
+    def spy(recipe, plan, *args, **kwargs):
+        built.append((recipe, plan, real(recipe, plan, *args, **kwargs)))
+        return built[-1][2]
+
+    monkeypatch.setattr(causal, "build_causal_trainer", spy)
+
+    def sample_lengths(n, gen):  # the baseline's log-normal lengths, shorter (its script is not needed here)
+        return (torch.randn(n, generator=gen) * 0.5 + math.log(60)).exp().clamp(16, 200).long().tolist()
+
+    bl = SimpleNamespace(SIZES={}, sample_lengths=sample_lengths)
+    for extra, loss in (([], "chunked"), (["--no-fused-ce"], "plain")):
+        args = bench.parse_args(["--dry-run", "--seconds", "0.1", "--seq", "128", "--rows", "1", *extra])
+        row = bench.run_mmtune(bl, "tiny", args, torch.device("cpu"))
+        recipe, plan, trainer = built[-1]
+        base = trainer.model.get_base_model()
+        assert row["attn"] == plan.attention.implementation == base.config._attn_implementation == "sdpa"
+        assert row["loss"] == plan.loss == loss and row["packing"] == plan.packing == "position_ids"
+        fused = type(trainer.objective).__name__ == "FusedCausalLMObjective"
+        assert fused == (loss != "plain") == row["fused_ce"]
+        assert base.config.hidden_size == bench.TINY["hidden_size"] and type(base).__name__ == "Qwen2ForCausalLM"
+        assert recipe.adapter.r == 16 and recipe.data.max_length == row["seq"] == 128
+        assert row["tokens_per_s"] > 0 and row["steps"] >= 1
+    assert len(built) == 2

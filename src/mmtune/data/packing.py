@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 
 IGNORE = -100
+#: Batch keys of the flash-attention varlen boundaries (:func:`varlen_kwargs`), forwarded to the model.
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
@@ -88,22 +90,46 @@ def _pad(seqs: Sequence[Sequence[int]], value: int, width: int) -> torch.Tensor:
     return out
 
 
-def collate_packed(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """The flash-attention varlen arguments of a packed batch: the cumulative sample lengths over
+    the flattened batch (``cu_seq_lens_q/k``, int32, shape (n_samples + 1,)) and the longest
+    sample (``max_length_q/k``, a Python int), as transformers'
+    ``prepare_fa_kwargs_from_position_ids`` derives them from ``position_ids``.
+
+    transformers' flash path derives them itself only for a batch of one row
+    (``_is_packed_sequence`` needs batch size 1); for B > 1 packed rows without them it runs
+    plain causal attention per row and the samples of a row see each other. Given per batch,
+    the kernel runs over all B x T tokens at once and no layer re-derives them (a device sync)."""
+    if not bool((position_ids.reshape(-1, position_ids.shape[-1])[:, 0] == 0).all()):
+        raise ValueError("packed position_ids must start every row with 0 (a sample cannot span rows)")
+    pos = position_ids.reshape(-1)  # (B*T,) samples never span rows, so the batch flattens
+    starts = (pos == 0).nonzero().reshape(-1)  # (n_samples,)
+    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)  # (n_samples + 1,)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def collate_packed(rows: Sequence[dict], pad_id: int, varlen: bool = False) -> dict[str, torch.Tensor]:
     """Packed rows -> ``input_ids``, ``labels``, ``position_ids`` LongTensors of shape (B, T), T the
     longest row. Padding: ``pad_id`` inputs, -100 labels, and positions that keep counting from the
     row's last sample (so padding never starts a new sample and never reaches back into one).
-    There is deliberately no ``attention_mask`` (see the module docstring)."""
+    There is deliberately no ``attention_mask`` (see the module docstring). ``varlen``: also the
+    flash-attention sample boundaries (:func:`varlen_kwargs`; padding counts with the row's last
+    sample, which cannot see it under causal attention)."""
     width = max(len(r["input_ids"]) for r in rows)
     positions = []
     for r in rows:
         pos = list(r["position_ids"])
         nxt = pos[-1] + 1 if pos else 0
         positions.append(pos + list(range(nxt, nxt + width - len(pos))))
-    return {
+    batch = {
         "input_ids": _pad([r["input_ids"] for r in rows], pad_id, width),
         "labels": _pad([r["labels"] for r in rows], IGNORE, width),
         "position_ids": torch.tensor(positions, dtype=torch.long),  # (B, T)
     }
+    if varlen:
+        batch.update(varlen_kwargs(batch["position_ids"]))
+    return batch
 
 
 def collate_padded(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -214,7 +214,7 @@ def load_hf_model(model_cfg: ModelConfig, head: str, tokenizer, max_length: int,
             raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model in '{where}' only "
                               f"{config.vocab_size} embeddings; use the model's own tokenizer (encoder.tokenizer: null)")
     check_positions(config, max_length)
-    config._attn_implementation = model_cfg.attn_implementation
+    config._attn_implementation = "sdpa" if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation
     if head == "pair":
         if config.model_type not in PAIR_HEADS:
             raise ConfigError(f"objectives mlm_nsp / mlm_sop need a sentence-pair pretraining head, which "

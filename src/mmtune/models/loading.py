@@ -122,11 +122,15 @@ def _quantized_device_map() -> dict:
     return {"": "cpu"}
 
 
-def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None = None, training: bool = True):
+def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None = None, training: bool = True, *,
+               attn_implementation: str | None = None, dtype: torch.dtype | None = None,
+               gradient_checkpointing: bool | None = None):
     """Load ``model_cfg.path`` as an ``AutoModelForCausalLM`` and make it trainable.
 
     - dtype per ``model.dtype`` (:func:`resolve_dtype`); the attention kernel per
-      ``model.attn_implementation``.
+      ``model.attn_implementation`` (``auto`` is sdpa here). A training run's speed plan
+      (:mod:`mmtune.train.fast_path`) decides these for its device and passes them as
+      ``attn_implementation``, ``dtype`` and ``gradient_checkpointing``, which win over ``model_cfg``.
     - ``model.quantization: nf4 | fp4``: 4-bit base weights (QLoRA, Dettmers et al. 2023,
       double quantization per ``model.double_quant``, compute in the model dtype), then
       ``peft.prepare_model_for_kbit_training`` (norms to fp32, base frozen). Needs LoRA.
@@ -142,13 +146,15 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None = None,
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_cfg.path)
-    dtype = resolve_dtype(model_cfg.dtype)
+    dtype = dtype or resolve_dtype(model_cfg.dtype)
+    attn = attn_implementation or ("sdpa" if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation)
+    checkpointing = model_cfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     lora = adapter_cfg is not None and adapter_cfg.type == "lora"
     quantized = model_cfg.quantization != "none"
     if quantized and training and not lora:
         raise ConfigError(f"model.quantization={model_cfg.quantization} trains adapters only: set "
                           "adapter.type=lora (4-bit base weights cannot be fine-tuned in full)")
-    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True,
+    kwargs = dict(dtype=dtype, attn_implementation=attn, local_files_only=True,
                   trust_remote_code=model_cfg.trust_remote_code)
     if quantized:
         kwargs.update(quantization_config=_quantization_config(model_cfg, dtype),
@@ -157,19 +163,19 @@ def load_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (ValueError, ImportError) as e:
-        if model_cfg.attn_implementation in BUILTIN_ATTN:
+        if attn in BUILTIN_ATTN:
             raise
         first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"model.attn_implementation={model_cfg.attn_implementation!r} cannot be used with "
+        raise ConfigError(f"model.attn_implementation={attn!r} cannot be used with "
                           f"{path}: {first} (sdpa and eager always work)") from None
 
     if quantized and training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    if model_cfg.gradient_checkpointing and training:
+    if checkpointing and training:
         # transformers 5.x name; gradient_checkpointing_enable is its deprecated alias
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is useless in training and conflicts with recompute

@@ -7,8 +7,9 @@ mmtune.data.packing); no attention mask is passed. transformers then isolates th
 - ``flash_attention_2`` / ``flash_attention_3`` (flash-attn installed, CUDA, fp16/bf16): the
   variable-length kernel over the concatenated samples (``flash_attn_varlen_func`` with
   cumulative sequence lengths). No mask and no padding FLOPs; the fastest choice. The
-  boundaries can be given per batch (:func:`packed_attention_kwargs`) so they are not
-  re-derived from ``position_ids`` (with a device sync) in every layer.
+  boundaries are given per batch (the collate's ``varlen`` mode, :func:`packed_attention_kwargs`):
+  transformers derives them from ``position_ids`` only for a one-row batch, and then in every
+  layer with a device sync. The speed plan (:mod:`mmtune.train.fast_path`) turns that mode on.
 - ``sdpa``: PyTorch's scaled_dot_product_attention with the block-diagonal causal mask that
   transformers derives from ``position_ids`` (``masking_utils.find_packed_sequence_indices``).
   Runs everywhere (the CPU default); a mask rules out SDPA's flash backend on GPUs.
@@ -29,29 +30,35 @@ from dataclasses import dataclass
 
 import torch
 
+# VARLEN_KEYS: the batch keys of packed_attention_kwargs, which objectives forward to the model.
+from ..data.packing import VARLEN_KEYS, varlen_kwargs  # noqa: F401
+
 log = logging.getLogger("mmtune.train.attention")
 
 KNOWN = ("auto", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa", "eager")
 FLASH = ("flash_attention_3", "flash_attention_2")
-#: Forward arguments of :func:`packed_attention_kwargs` (batch keys an objective passes on).
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
     """``implementation`` goes to ``from_pretrained(attn_implementation=...)`` (or
-    ``config._attn_implementation``); ``reason`` says why (logged once by the caller)."""
+    ``config._attn_implementation``); ``reason`` says why (logged once by the caller).
+    ``varlen``: the kernel takes packed batches as variable-length samples over the flattened
+    batch, with their boundaries given per batch (default: the flash-attention kernels)."""
 
     implementation: str
     reason: str
+    varlen: bool | None = None
 
-    @property
-    def varlen(self) -> bool:
-        return self.implementation in FLASH
+    def __post_init__(self):
+        if self.varlen is None:
+            object.__setattr__(self, "varlen", self.implementation in FLASH)
 
     def forward_kwargs(self, position_ids: torch.Tensor | None) -> dict:
         """Extra forward arguments for a packed batch (see :func:`packed_attention_kwargs`)."""
-        return packed_attention_kwargs(position_ids, self.implementation)
+        if not self.varlen or position_ids is None:
+            return {}
+        return varlen_kwargs(position_ids)
 
 
 def flash_available(version: int = 2) -> bool:
@@ -111,17 +118,9 @@ def choose_attention(requested: str = "auto", *, device: torch.device | str = "c
 
 
 def packed_attention_kwargs(position_ids: torch.Tensor | None, implementation: str) -> dict:
-    """Per-batch forward arguments for the flash varlen kernel: the cumulative sample lengths
-    over the flattened batch (``cu_seq_lens_q/k``, int32, shape (n_samples + 1,)) and the
-    longest sample (``max_length_q/k``, a Python int), as transformers'
-    ``prepare_fa_kwargs_from_position_ids`` computes them. Other kernels need nothing (the mask
-    comes from ``position_ids``), so this returns {} for them and for unpacked batches."""
+    """Per-batch forward arguments for the flash varlen kernel (:func:`mmtune.data.packing.varlen_kwargs`:
+    ``cu_seq_lens_q/k``, ``max_length_q/k``). Other kernels need nothing (the mask comes from
+    ``position_ids``), so this returns {} for them and for unpacked batches."""
     if implementation not in FLASH or position_ids is None:
         return {}
-    if not bool((position_ids.reshape(-1, position_ids.shape[-1])[:, 0] == 0).all()):
-        raise ValueError("packed position_ids must start every row with 0 (a sample cannot span rows)")
-    pos = position_ids.reshape(-1)  # (B*T,) samples never span rows, so the batch flattens
-    starts = (pos == 0).nonzero().reshape(-1)  # (n_samples,)
-    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)]).to(torch.int32)  # (n_samples + 1,)
-    longest = int(cu.diff().max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return varlen_kwargs(position_ids)

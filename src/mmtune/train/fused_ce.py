@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 import torch
 
-from .attention import VARLEN_KEYS
 from .objectives import OBJECTIVES, CausalLMObjective, LossOutput, model_inputs
 
 log = logging.getLogger("mmtune.train.fused_ce")
@@ -237,8 +236,7 @@ class FusedCausalLMObjective(CausalLMObjective):
                 log.info("fused cross-entropy off: %s; using the plain loss", self._reason)
         if self._reason:
             return super().__call__(model, batch)
-        inputs = model_inputs(batch)
-        inputs.update({k: batch[k] for k in VARLEN_KEYS if k in batch})  # flash varlen boundaries
+        inputs = model_inputs(batch)  # with the flash varlen boundaries when the batch has them
         with loss_head(model, batch["labels"], chunk_size=self.chunk_size, backend=self.backend) as head:
             out = model(**inputs, use_cache=False)
         return LossOutput(out.logits, head.count, None)  # the head returned the summed loss as logits

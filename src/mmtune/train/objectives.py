@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.packing import VARLEN_KEYS
 from ..models.losses import shifted_token_loss  # noqa: F401 - defined with the models
 from ..registry import OBJECTIVES
 
@@ -62,8 +63,10 @@ class Objective(abc.ABC):
 def model_inputs(batch: dict) -> dict:
     """The keys a causal LM forward takes. Packed batches carry position_ids and no attention
     mask: transformers then isolates the samples of a row (block-diagonal attention) only when
-    no attention_mask is passed and use_cache is False."""
-    keys = ("input_ids", "attention_mask", "position_ids")
+    no attention_mask is passed and use_cache is False. A batch collated for the flash varlen
+    kernel also carries the sample boundaries (``cu_seq_lens_q`` ..., see
+    :func:`mmtune.data.packing.varlen_kwargs`), which the model passes to its attention layers."""
+    keys = ("input_ids", "attention_mask", "position_ids", *VARLEN_KEYS)
     return {k: batch[k] for k in keys if k in batch and batch[k] is not None}
 
 

@@ -18,6 +18,7 @@ from ..evaluation import eval_causal
 from ..models.adapters import trainable_summary
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..registry import WORKFLOWS
+from ..train.fast_path import causal_collate, compile_decoder, fused_objective, plan_for_recipe
 from ..train.loop import Trainer, seed_everything
 from ..train.objectives import OBJECTIVES
 from ..train.scoring import greedy_answers
@@ -31,8 +32,9 @@ def make_generate_fn(tokenizer, template, max_new_tokens: int):
     return generate
 
 
-def build_causal_data(recipe, tokenizer, log=print):
-    """Tokenized (and packed) train/eval rows and the collate function for a causal LM."""
+def build_causal_data(recipe, tokenizer, log=print, plan=None):
+    """Tokenized (and packed) train/eval rows and the collate function for a causal LM (with the
+    flash varlen boundaries when the speed ``plan`` says so, see :func:`causal_collate`)."""
     train_ex, eval_ex, report = build_datasets(recipe.data, tokenizer, recipe.objective, recipe.train.seed)
     for line in report.lines():
         log(line)
@@ -42,10 +44,12 @@ def build_causal_data(recipe, tokenizer, log=print):
         eval_rows = pack_examples(eval_ex, recipe.data.max_length) if eval_ex else None
         log(f"packing: {len(train_ex)} samples -> {len(rows)} rows of {recipe.data.max_length} tokens, "
             f"efficiency {packing_efficiency(rows, recipe.data.max_length):.1%}")
-        collate = partial(collate_packed, pad_id=pad_id)
     else:
         rows, eval_rows = train_ex, (eval_ex or None)
-        collate = partial(collate_padded, pad_id=pad_id)
+    if plan is not None:
+        collate = causal_collate(plan, pad_id)
+    else:  # callers without a speed plan: packed rows marked by position_ids (the CPU path)
+        collate = partial(collate_packed if recipe.data.packing else collate_padded, pad_id=pad_id)
     return rows, eval_rows, collate
 
 
@@ -63,6 +67,38 @@ def make_dpo_objective(recipe, model, rows, collate, log=print, eval_rows=()):
     return OBJECTIVES.get("dpo").from_recipe(recipe, model, rows, collate, log, eval_rows)
 
 
+def build_causal_model(recipe, plan, log=print):
+    """The model a causal run trains: loaded with the speed plan's dtype, attention kernel and
+    checkpointing, adapted, on the plan's device, its decoder compiled when the plan says so."""
+    model = load_model(recipe.model, recipe.adapter, training=True, **plan.load_kwargs())
+    if recipe.model.quantization == "none":
+        model = model.to(plan.device)
+    if plan.compile:
+        compile_decoder(model)
+    log(trainable_summary(model))
+    return model
+
+
+def build_causal_trainer(recipe, plan, dist, rows, collate, *, eval_rows=None, log=print, **trainer_kwargs) -> Trainer:
+    """Model (:func:`build_causal_model`), objective (the fused loss when the plan says so),
+    distributed wrapper and :class:`Trainer` of a causal run: ``mmtune train`` and
+    ``benchmarks/gpu_sft.py`` both build their run here. ``trainer_kwargs`` go to the Trainer
+    (tokenizer, generate_fn, stop_flag, meta); checkpoints carry ``recipe``."""
+    model = build_causal_model(recipe, plan, log)
+    objective_cls = OBJECTIVES.get(recipe.objective)
+    objective = (fused_objective(plan) if plan.fused
+                 else objective_cls.from_recipe(recipe, model, rows, collate, log, eval_rows or ()))
+    par = wrap_model(model, recipe.distributed, dist, train_cfg=recipe.train,
+                     bf16=train_in_bf16(recipe.train.precision, dist.device))
+    if dist.world_size > 1:
+        log(f"distributed: {par.strategy} over {dist.world_size} processes")
+    trainer = Trainer(par.model, objective, rows, collate, recipe.train, eval_rows=eval_rows,
+                      recipe=recipe.model_dump(mode="json"), train_module=par.train_module, device=dist.device,
+                      **trainer_kwargs)
+    par.attach(trainer)
+    return trainer
+
+
 @WORKFLOWS.register("causal")
 class CausalWorkflow(Workflow):
     name = "causal"
@@ -78,30 +114,22 @@ class CausalWorkflow(Workflow):
         tokenizer = load_tokenizer(base_dir)
         template = get_template(recipe.data.template, tokenizer, recipe.data.system_prompt)
         objective_cls = OBJECTIVES.get(recipe.objective)
+        plan = plan_for_recipe(recipe, dist.device, dist.world_size)
+        for line in plan.lines():
+            log(line)
         if objective_cls.data == "pairs":
             rows, eval_rows, collate = build_preference_data(recipe, template, log)
         else:
             if not main:
                 barrier()
-            rows, eval_rows, collate = build_causal_data(recipe, tokenizer, log)
+            rows, eval_rows, collate = build_causal_data(recipe, tokenizer, log, plan=plan)
             if main:
                 barrier()
-        model = load_model(recipe.model, recipe.adapter, training=True)
-        if recipe.model.quantization == "none":
-            model = model.to(dist.device)
-        log(trainable_summary(model))
-        objective = objective_cls.from_recipe(recipe, model, rows, collate, log, eval_rows or ())
-        par = wrap_model(model, recipe.distributed, dist, train_cfg=recipe.train,
-                         bf16=train_in_bf16(recipe.train.precision, dist.device))
-        if dist.world_size > 1:
-            log(f"distributed: {par.strategy} over {dist.world_size} processes")
-        trainer = Trainer(par.model, objective, rows, collate, recipe.train, eval_rows=eval_rows, tokenizer=tokenizer,
-                          generate_fn=make_generate_fn(tokenizer, template, recipe.train.max_new_tokens),
-                          recipe=recipe.model_dump(mode="json"), stop_flag=ctx.stop_flag,
-                          train_module=par.train_module, device=dist.device,
-                          meta={"adapter": recipe.adapter.type, "base_model": str(base_dir),
-                                "template": recipe.data.template, "objective": recipe.objective})
-        par.attach(trainer)
+        trainer = build_causal_trainer(
+            recipe, plan, dist, rows, collate, eval_rows=eval_rows, log=log, tokenizer=tokenizer,
+            generate_fn=make_generate_fn(tokenizer, template, recipe.train.max_new_tokens),
+            stop_flag=ctx.stop_flag, meta={"adapter": recipe.adapter.type, "base_model": str(base_dir),
+                  "template": recipe.data.template, "objective": recipe.objective})
         result = trainer.fit(resume=ctx.resume)
         final = trainer.save(name="final")
         log(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}"
@@ -110,7 +138,7 @@ class CausalWorkflow(Workflow):
         for s in result.get("samples", []):
             log(f"  > {s['prompt']!r} -> {s['output']!r}")
         log(f"final weights: {final}   chat: mmtune chat {final}")
-        return {**result, "final_dir": str(final), "trainer": trainer}
+        return {**result, "final_dir": str(final), "trainer": trainer, "speed_plan": plan}
 
     def evaluate(self, recipe, checkpoint: str | None = None, max_new_tokens: int = 32) -> dict:
         return eval_causal(recipe, checkpoint, max_new_tokens)
