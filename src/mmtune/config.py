@@ -131,11 +131,11 @@ class TrainConfig(Section):
         "auto", description="Fuse the output head into the cross-entropy (sft / pretrain), so the (tokens, "
         "vocab) logits are never held: Liger-Kernel's fused linear cross-entropy on CUDA when installed (the "
         "`gpu` extra), else mmtune's chunked one. `auto`: on CUDA GPUs (1.5B packed: 50.7 -> 34.8 GiB at the "
-        "same speed, REFERENCE.md section 5); on CPU as the objective says (`sft-fused` fuses).")
+        "same speed, docs/reference/performance.md#anchor-measurements); on CPU as the objective says (`sft-fused` fuses).")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the decoder (in place; checkpoints keep their names). `auto`: on a "
         "CUDA GPU in one process, unquantized, with triton installed (1.5B packed + fused CE: 19.1k -> 26.1k "
-        "tokens/s on an H100, REFERENCE.md section 5); not on CPU, where it was not measured to pay for its "
+        "tokens/s on an H100, docs/reference/performance.md#anchor-measurements); not on CPU, where it was not measured to pay for its "
         "compile time.")
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
     progress: bool = Field(True, description="Show a progress bar.")

@@ -21,9 +21,9 @@ On a CUDA GPU:
 - bf16 weights (``model.dtype: auto``) and bf16 autocast (``train.precision: auto``);
 - fused linear cross-entropy (``train.fused_loss``): Liger-Kernel's when installed, else
   mmtune's chunked one; the (tokens, vocab) logits are never held (1.5B packed: 50.7 -> 34.8
-  GiB at the same speed, REFERENCE.md section 5);
+  GiB at the same speed, docs/reference/performance.md#anchor-measurements);
 - ``torch.compile`` of the decoder (``train.compile``) in a one-process, unquantized run
-  (1.5B packed + fused CE: 19,068 -> 26,050 tokens/s on an H100, REFERENCE.md section 5);
+  (1.5B packed + fused CE: 19,068 -> 26,050 tokens/s on an H100, docs/reference/performance.md#anchor-measurements);
 - gradient checkpointing only when ``model.gradient_checkpointing`` asks for it (it trades
   about a third of the speed for memory: 19,165 -> 12,277 tokens/s, 50.7 -> 20.1 GiB).
 
@@ -162,7 +162,7 @@ def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool) -> tu
         return False, "auto: not with 4-bit (bitsandbytes) weights"
     if importlib.util.find_spec("triton") is None:
         return False, "auto: triton (torch.compile's GPU code generator) is not installed"
-    return True, "auto on CUDA: the decoder, in place (1.5B packed: +37% tokens/s, REFERENCE.md section 5)"
+    return True, "auto on CUDA: the decoder, in place (1.5B packed: +37% tokens/s, docs/reference/performance.md#anchor-measurements)"
 
 
 def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precision: str = "auto",
