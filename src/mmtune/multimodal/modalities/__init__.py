@@ -11,14 +11,16 @@ keyed by modality name (torchtune's ``EarlyFusionModel(decoder, encoders: Dict,
 encoder_tokens: Dict)``) and derives its routing groups from the modalities present
 (:func:`mmtune.multimodal.groups.modality_groups`).
 
-Paths are registered by modality name in :data:`MODALITIES` (``@MODALITIES.register("image")``);
-the built-in ones are lazy entries. Adding a modality (video, depth, ...) is one new file with a
+Paths are registered by modality name in :data:`MODALITIES` (``@MODALITIES.register("image")``),
+every module of this package on first use. Adding a modality (video, depth, ...) is one new file with a
 registered path class plus its recipe section (docs/extending.md).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -29,14 +31,20 @@ from torch import nn
 from ...errors import MMTuneError
 from ...registry import Registry
 
-#: Modality name -> :class:`ModalityPath` subclass.
-MODALITIES: Registry = Registry("modality", lazy={"image": "mmtune.multimodal.modalities.image",
-                                                   "audio": "mmtune.multimodal.modalities.audio"})
+#: Modality name -> :class:`ModalityPath` subclass. Every module of this package registers its
+#: path on first use of the registry (:func:`modality_classes`): a new modality file needs no
+#: entry anywhere else.
+MODALITIES: Registry = Registry("modality")
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def modality_classes() -> list[type[ModalityPath]]:
     """Every registered path class, in canonical order (``order``, then name): image, audio, others."""
-    MODALITIES.load_all()
+    _discover()
     return sorted((MODALITIES.get(n) for n in MODALITIES.names()), key=lambda c: (c.order, c.name))
 
 
