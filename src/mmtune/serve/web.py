@@ -500,7 +500,8 @@ def train_tab(gr, slot: ModelSlot, jobs: JobSlot, header, chat: ChatTab, tabs, r
     stop_btn.click(stop_training, None, [train_status, stop_btn])
     timer.tick(refresh, [seen], [progress, loss_plot, eval_plot, samples, log_box, train_status, start_btn,
                                  stop_btn, chat_btn, seen], show_progress="hidden")
-    chat_btn.click(chat_with_result, None, [header, chat.model_info, chat.route, chat.model_box, chat.adapter_box, tabs])
+    chat_btn.click(chat_with_result, None,
+                   [header, chat.model_info, chat.route, chat.model_box, chat.adapter_box, tabs])
 
 
 def reports_tab(gr, app, runs_dir: str) -> None:
