@@ -170,3 +170,8 @@ def test_a_third_modality_is_one_registered_path_and_a_config_entry(composed, tm
         [n for n, _ in model.named_parameters() if n.startswith("depth_")]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, media=media).logits, out.logits)
+    # assigning a component keeps the view in step (one module, two names)
+    old, new = model.depth_projector, build_projector("mlp2x_gelu", 16, model.hidden_size)
+    model.depth_projector = new
+    assert model.modalities["depth"].projector is new and dict(model.named_children())["depth_projector"] is new
+    model.depth_projector = old

@@ -98,6 +98,13 @@ class ComposedModel(nn.Module):
 
     modalities: nn.ModuleDict
 
+    def __setattr__(self, name: str, value) -> None:
+        """Assigning a component (``model.vision_projector = new``) also updates its path's view."""
+        super().__setattr__(name, value)
+        for path in self.__dict__.get("modalities", {}).values():
+            if name in path.COMPONENTS:
+                setattr(path, path.COMPONENTS[name], value)
+
     def _token_id(self, token: str) -> int | None:
         if self.tokenizer is None:
             return None
