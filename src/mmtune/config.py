@@ -242,7 +242,7 @@ class Recipe(Section):
                                               "tasks and a strategy (`mmtune continual RECIPE`); see "
                                               "mmtune/continual/config.py.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Several "
-                                           "processes/GPUs (DDP, FSDP2, DeepSpeed ZeRO); see mmtune/distributed.py.")
+                                           "processes/GPUs (DDP, FSDP2, DeepSpeed ZeRO); see mmtune/distributed/.")
     multimodal: MultimodalConfig | None = Field(None, description="Vision/audio encoders composed with the LLM, "
                                                 "modality LoRA adapters and their router, and training stages "
                                                 "(`mmtune train` runs them in order); see mmtune/multimodal/config.py.")

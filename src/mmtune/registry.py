@@ -102,6 +102,10 @@ OBJECTIVES: Registry = Registry("objective", lazy={
 PROJECTORS: Registry = Registry("projector", lazy={
     n: "mmtune.multimodal.projectors" for n in ("mlp2x_gelu", "internvl_pixel_shuffle", "phi4_avgpool")})
 
+#: Audio encoders of composed models by kind (``multimodal.audio.encoder``): ``(path) -> tower``.
+AUDIO_ENCODERS: Registry = Registry("audio encoder", lazy={"conformer": "mmtune.multimodal.conformer",
+                                                             "whisper": "mmtune.multimodal.whisper"})
+
 #: Workflows: how a recipe becomes training runs (:mod:`mmtune.workflows`).
 WORKFLOWS: Registry = Registry("workflow", lazy={
     n: f"mmtune.workflows.{n}" for n in ("causal", "multimodal", "encoder", "continual")})

@@ -98,5 +98,5 @@ def test_rank_zero_filter(monkeypatch):
     rec = logging.LogRecord("mmtune", logging.INFO, __file__, 1, "hi", None, None)
     err = logging.LogRecord("mmtune", logging.ERROR, __file__, 1, "bad", None, None)
     assert RankZeroFilter().filter(rec)
-    monkeypatch.setattr(d, "get_rank", lambda: 1)
+    monkeypatch.setattr(d.ranks, "get_rank", lambda: 1)  # where RankZeroFilter looks it up
     assert not RankZeroFilter().filter(rec) and RankZeroFilter().filter(err)

@@ -4,7 +4,49 @@ the published figures (docs/reference/multimodal.md#phi-4-multimodal)."""
 import pytest
 import torch
 
-from mmtune.multimodal.model import build_phi4_mm_on_meta, parameter_counts
+from mmtune.multimodal.config import PHI4_LORA_TARGETS, MultimodalConfig
+from mmtune.multimodal.model import compose, parameter_counts
+
+
+def phi4_mm_config(max_crops: int = 36) -> MultimodalConfig:
+    """Phi-4-multimodal's composition (docs/reference/multimodal.md#phi-4-multimodal) as a config: SigLIP-so400m 448 px,
+    penultimate layer, phi4 tiling, phi4_avgpool projector; Phi-4 Conformer; LoRA_V r=256/512/0.0
+    and LoRA_A r=320/640/0.01 on qkv_proj, o_proj, gate_up_proj, down_proj; the vision-speech
+    projector; a single placeholder stage (for counting and building only)."""
+    return MultimodalConfig.model_validate({
+        "vision": {"path": "phi4-siglip", "feature_layer": -2, "tiling": "phi4", "crop_size": 448,
+                   "max_crops": max_crops, "projector": "phi4_avgpool"},
+        "audio": {"encoder": "conformer", "path": "phi4-conformer", "projector": "mlp2x_gelu"},
+        "adapters": [{"name": "vision", "r": 256, "alpha": 512, "dropout": 0.0, "targets": PHI4_LORA_TARGETS},
+                     {"name": "speech", "r": 320, "alpha": 640, "dropout": 0.01, "targets": PHI4_LORA_TARGETS}],
+        "stages": [{"name": "count", "sources": []}],
+    })
+
+
+def phi4_mini_config():
+    """transformers ``Phi3Config`` in Phi-4-mini's geometry (docs/reference/multimodal.md#phi-4-multimodal)."""
+    from transformers import Phi3Config
+
+    return Phi3Config(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                      intermediate_size=8192, vocab_size=200064, tie_word_embeddings=True, partial_rotary_factor=0.75,
+                      max_position_embeddings=131072)
+
+
+def build_phi4_mm_on_meta(max_crops: int = 36):
+    """Our components in Phi-4-multimodal geometry on the meta device (no memory): Phi-4-mini LM,
+    SigLIP-so400m tower (features of layer -2: 26 of 27 layers kept), Phi-4 Conformer, the
+    three projectors and both LoRAs."""
+    from transformers import AutoModelForCausalLM
+
+    from mmtune.multimodal.conformer import build_conformer, phi4_conformer_config
+    from mmtune.multimodal.vision import VisionTower, build_vision_config
+
+    cfg = phi4_mm_config(max_crops)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(phi4_mini_config())
+        vision = VisionTower.from_config(build_vision_config("siglip"), feature_layer=-2)
+        audio = build_conformer(phi4_conformer_config(), device="meta")
+        return compose(lm, None, cfg, vision_encoder=vision, audio_encoder=audio)
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,11 @@ class AudioFeatureBatch:
         return torch.div(self.lengths + SUBSAMPLING - 1, SUBSAMPLING, rounding_mode="floor")
 
 
+def time_mask(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    """``(B, t)`` bool, True on the first ``lengths[b]`` frames of each row (real frames)."""
+    return torch.arange(t, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+
+
 def pad_audio_features(feats: Sequence[torch.Tensor], pad_value: float = 0.0,
                        pad_to_multiple_of: int | None = None) -> AudioFeatureBatch:
     """Right-pad ``(T_i, n_mels)`` feature tensors to a batch with lengths and a mask.

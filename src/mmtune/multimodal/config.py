@@ -21,8 +21,6 @@ from pydantic import Field, field_validator, model_validator
 from ..registry import PROJECTORS, did_you_mean
 from ..schema import Section
 
-#: The trainable components of a composed model, in the order stages list them.
-COMPONENTS = ("vision_encoder", "vision_projector", "audio_encoder", "audio_projector", "audio_projector_vs", "llm")
 #: The decoder linears of Phi-4-mini that both Phi-4-multimodal LoRAs adapt (docs/reference/multimodal.md#modality-loras).
 PHI4_LORA_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -155,6 +153,12 @@ class Trainability(Section):
                       "trains the base weights (adapters stay as they are).")
 
 
+#: The trainable components of a composed model, in the order stages list them: the fields of
+#: :class:`Trainability`. A modality's components are named ``<section>_<part>`` after the
+#: ``multimodal`` section that configures them (``vision_encoder`` needs ``vision``).
+COMPONENTS = tuple(Trainability.model_fields)
+
+
 class MMSourceConfig(Section):
     path: str = Field(description="LLaVA-style JSON/JSONL (conversations with <image>/<audio> tags, `image` / "
                       "`audio` file fields) or OpenAI-style messages with image_url / input_audio parts.")
@@ -260,19 +264,17 @@ class MultimodalConfig(Section):
             raise ValueError("vision_speech: true needs both `vision` and `audio`")
         if not self.stages:
             raise ValueError("`stages` is empty: give at least one training stage")
-        needs = {"vision_encoder": self.vision, "vision_projector": self.vision, "audio_encoder": self.audio,
-                 "audio_projector": self.audio,
-                 "audio_projector_vs": self.audio if self.builds_vision_speech else None}
+        needs = {c: getattr(self, c.split("_")[0], None) for c in COMPONENTS if c != "llm"}  # the section
+        needs["audio_projector_vs"] = self.audio if self.builds_vision_speech else None
         for stage in self.stages:
             t = stage.trainable
             for comp, present in needs.items():
                 if getattr(t, comp) != "frozen" and present is None:
                     raise ValueError(f"stage '{stage.name}': trainable.{comp} is {getattr(t, comp)} but the model "
                                      f"has no {comp.replace('_', ' ')}")
-            if t.vision_encoder == "lora" and (self.vision is None or self.vision.lora is None):
-                raise ValueError(f"stage '{stage.name}': vision_encoder: lora needs vision.lora settings")
-            if t.audio_encoder == "lora" and (self.audio is None or self.audio.lora is None):
-                raise ValueError(f"stage '{stage.name}': audio_encoder: lora needs audio.lora settings")
+            for comp, section in needs.items():
+                if getattr(t, comp) == "lora" and getattr(section, "lora", None) is None:
+                    raise ValueError(f"stage '{stage.name}': {comp}: lora needs {comp.split('_')[0]}.lora settings")
             if stage.adapter is not None and stage.adapter not in names:
                 raise ValueError(f"stage '{stage.name}': adapter '{stage.adapter}' is not defined."
                                  f"{did_you_mean(stage.adapter, names)} Adapters: {', '.join(names) or 'none'}")

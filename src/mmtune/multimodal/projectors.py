@@ -139,3 +139,11 @@ def build_internvl_pixel_shuffle(in_dim: int, out_dim: int, scale: float = 0.5) 
 @PROJECTORS.register("phi4_avgpool")
 def build_phi4_avgpool(in_dim: int, out_dim: int) -> Phi4AvgPoolProjector:
     return Phi4AvgPoolProjector(in_dim, out_dim)
+
+
+def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
+    """The registered projector ``name`` from ``in_dim`` encoder features to ``out_dim`` LM width; it
+    remembers its name (``projector_name``) for saving."""
+    module = PROJECTORS.get(name)(in_dim=in_dim, out_dim=out_dim)
+    module.projector_name = name
+    return module

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -42,7 +42,7 @@ from .groups import GROUPS, group_of, split_by_group  # noqa: F401 - defined wit
 
 log = logging.getLogger(__name__)
 
-SPEECH_PROJECTOR = "audio_projector"
+SPEECH_PROJECTOR = "audio_projector"  # the audio path's component names (modalities/audio.py)
 VISION_SPEECH_PROJECTOR = "audio_projector_vs"
 
 
@@ -63,17 +63,21 @@ class Route:
 class ModalityRouter:
     """Maps modality groups to routes; counts and logs every decision.
 
-    ``table``: ``{group: adapter name or None}`` for the four :data:`GROUPS` (see
+    ``table``: ``{group: adapter name or None}`` for every group of ``groups`` (the composed
+    model passes the groups of its modalities, :func:`~mmtune.multimodal.groups.modality_groups`;
+    default the four :data:`GROUPS`, see
     :meth:`mmtune.multimodal.config.MultimodalConfig.resolved_router`).
     ``vision_speech``: audio of image+audio samples goes through the second, vision-speech
     projector (Phi-4); otherwise through the speech projector.
     """
 
-    def __init__(self, table: dict[str, str | None], vision_speech: bool = True):
-        missing = [g for g in GROUPS if g not in table]
+    def __init__(self, table: dict[str, str | None], vision_speech: bool = True,
+                 groups: Sequence[str] = GROUPS):
+        missing = [g for g in groups if g not in table]
         if missing:
-            raise ConfigError(f"router table lacks groups {missing}; give all of {', '.join(GROUPS)}")
-        self.table = {g: table[g] for g in GROUPS}
+            raise ConfigError(f"router table lacks groups {missing}; give all of {', '.join(groups)}")
+        self.table = {g: table[g] for g in groups}
+        self.table.update({g: a for g, a in table.items() if g not in self.table})
         self.vision_speech = vision_speech
         self.counts: Counter = Counter()  # (group, adapter) -> samples routed
 
@@ -83,12 +87,11 @@ class ModalityRouter:
     def route(self, group: str, n_samples: int = 1) -> Route:
         """The route of ``group``; counts ``n_samples`` decisions."""
         if group not in self.table:
-            raise MMTuneError(f"unknown modality group '{group}'; groups: {', '.join(GROUPS)}")
+            raise MMTuneError(f"unknown modality group '{group}'; groups: {', '.join(self.table)}")
+        parts = group.split("+")
         proj = None
-        if group == "audio":
-            proj = SPEECH_PROJECTOR
-        elif group == "image+audio":
-            proj = VISION_SPEECH_PROJECTOR if self.vision_speech else SPEECH_PROJECTOR
+        if "audio" in parts:
+            proj = VISION_SPEECH_PROJECTOR if (self.vision_speech and "image" in parts) else SPEECH_PROJECTOR
         r = Route(group, self.table[group], proj)
         self.counts[(group, r.adapter)] += n_samples
         log.debug("route %s (%d samples)", r.describe(), n_samples)
@@ -101,7 +104,7 @@ class ModalityRouter:
         """One line: samples per routing decision since the last :meth:`reset_counts`."""
         if not self.counts:
             return "router: no samples routed"
-        parts = [f"{g} -> {a or 'base'}: {n}" for (g, a), n in sorted(self.counts.items(), key=lambda kv: GROUPS.index(kv[0][0]))]
+        parts = [f"{g} -> {a or 'base'}: {n}" for (g, a), n in sorted(self.counts.items(), key=lambda kv: list(self.table).index(kv[0][0]))]
         return "router: " + ", ".join(parts)
 
     def reset_counts(self) -> None:
@@ -112,7 +115,7 @@ class ModalityRouter:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModalityRouter:
-        return cls(d["table"], d.get("vision_speech", True))
+        return cls(d["table"], d.get("vision_speech", True), groups=tuple(d["table"]))
 
     @contextlib.contextmanager
     def activate(self, language_model: nn.Module, route: Route) -> Iterator[None]:

@@ -22,23 +22,17 @@ on a composed model; the router only restores these flags after PEFT switches ad
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import ConfigError
+from .composed import ComposedModel
 from .config import COMPONENTS, StageConfig
-from .model import ComposedModel
 
 log = logging.getLogger(__name__)
 
-#: Components each modality group's forward pass runs through (besides the LM).
-GROUP_COMPONENTS = {
-    "text": (),
-    "image": ("vision_encoder", "vision_projector"),
-    "audio": ("audio_encoder", "audio_projector"),
-    "image+audio": ("vision_encoder", "vision_projector", "audio_encoder", "audio_projector_vs"),
-}
 
 
 @dataclass
@@ -52,6 +46,9 @@ class StagePlan:
     groups: list[dict] = field(repr=False)
     adapter: str | None = None
     modes: dict[str, str] = field(default_factory=dict)
+    #: ``route -> components`` its forward pass runs through (the model's
+    #: :meth:`~mmtune.multimodal.composed.ComposedModel.route_components`).
+    route_components: Callable[..., tuple[str, ...]] = field(default=lambda route: (), repr=False)
 
     def summary(self) -> str:
         parts = ", ".join(f"{c} {self.modes[c]} ({n:,})" for c, n in self.per_component.items() if n)
@@ -59,10 +56,7 @@ class StagePlan:
 
     def trains_route(self, route) -> bool:
         """Whether a batch of ``route`` reaches a trainable parameter (else it has no gradient)."""
-        comps = list(GROUP_COMPONENTS[route.group])
-        if route.group == "image+audio" and route.audio_projector == "audio_projector":
-            comps[-1] = "audio_projector"
-        if any(self.per_component.get(c, 0) for c in comps):
+        if any(self.per_component.get(c, 0) for c in self.route_components(route)):
             return True
         if self.modes.get("llm") == "full":
             return True
@@ -134,7 +128,7 @@ def apply_stage(model: ComposedModel, stage: StageConfig, default_lr: float, log
         raise ConfigError(f"stage '{stage.name}' trains nothing: set at least one of {', '.join(COMPONENTS)} "
                           "to lora or full under `trainable`")
     plan = StagePlan(stage.name, sorted(names), sum(per_component.values()), per_component, groups, stage.adapter,
-                     modes)
+                     modes, model.route_components)
     (log_fn or log.info)(plan.summary())
     log.debug("stage '%s' trainable parameters:\n%s", stage.name, "\n".join(plan.trainable))
     return plan

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import html
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MMTuneError
@@ -255,6 +256,282 @@ def parse_overrides(text: str) -> list[str]:
 # The app
 
 
+@dataclass
+class ChatTab:
+    """The Chat tab's components that other parts of the page update (the Train tab's "Chat with
+    the trained model" loads the result into them)."""
+
+    route: object
+    model_box: object
+    adapter_box: object
+    model_info: object
+
+
+def chat_tab(gr, slot: ModelSlot, header, model: str | None, adapter: str | None) -> ChatTab:
+    """The Chat tab's components and events (inside its ``gr.Tab``): conversation, attachments,
+    the answering adapter's label, model loading and the generation settings."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4):
+            route = gr.HTML(route_html(slot.backend.default_route() if slot.backend else None,
+                                       slot.backend is not None))
+            chatbot = gr.Chatbot(elem_id="mm-chat", height=540, show_label=False, layout="bubble",
+                                 buttons=["copy"], feedback_options=None,
+                                 placeholder="**Start a conversation.** Attach an image or an audio "
+                                 "clip with the paperclip; replies stream as they are generated.")
+            msg = gr.MultimodalTextbox(show_label=False, file_types=["image", "audio"],
+                                       file_count="multiple", sources=["upload", "microphone"],
+                                       placeholder="Message the model, or attach an image / audio file…",
+                                       stop_btn=True, autofocus=True, elem_id="mm-input")
+            with gr.Row():
+                clear = gr.Button("New conversation", size="sm", variant="secondary", scale=0,
+                                  min_width=170, elem_id="mm-clear")
+        with gr.Column(scale=1, min_width=290):
+            with gr.Accordion("Model", open=slot.backend is None):
+                model_box = gr.Textbox(label="Model directory", value=model or "builtin:tiny",
+                                       info="base, merged, adapter, checkpoint, composed model "
+                                       "or builtin:tiny")
+                adapter_box = gr.Textbox(label="Adapter (optional)", value=adapter or "",
+                                         placeholder="runs/my-run/final")
+                load_btn = gr.Button("Load model", variant="primary", size="sm")
+                model_info = gr.Markdown(model_info_md(slot))
+            with gr.Accordion("Generation", open=True):
+                system = gr.Textbox(label="System prompt", lines=3,
+                                    placeholder="You are a helpful assistant.")
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
+                                        info="0 = greedy (deterministic)")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
+                seed = gr.Textbox(label="Seed", value="", placeholder="random", max_lines=1,
+                                  info="an integer makes sampling repeatable; blank = random")
+    history = gr.State([])
+
+    def add_user(value, hist):
+        value = value or {}
+        text = (value.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in value.get("files") or []]
+        images, audios, others = split_attachments([f for f in files if f])
+        for o in others:
+            gr.Warning(f"{Path(o).name} is neither an image nor audio; it was not sent.")
+        if not text and not images and not audios:
+            return gr.MultimodalTextbox(value=None), chat_messages(hist), hist
+        hist = [*hist, {"role": "user", "text": text, "images": images, "audios": audios}]
+        return gr.MultimodalTextbox(value=None, interactive=False), chat_messages(hist), hist
+
+    def respond(hist, system_text, temp, topp, max_new, seed_value):
+        if not hist or hist[-1]["role"] != "user":
+            yield chat_messages(hist), hist, gr.skip()
+            return
+        b = slot.backend
+        if b is None:
+            hist = [*hist, {"role": "assistant", "text": "No model is loaded: enter a model directory on the "
+                            "right and press **Load model**.", "notes": []}]
+            yield chat_messages(hist), hist, route_html(None, False)
+            return
+        seed_text = str(seed_value or "").strip()
+        if seed_text and not seed_text.lstrip("-").isdigit():
+            gr.Warning(f"Seed {seed_text!r} is not an integer: sampling with a random seed.")
+        settings = GenerationSettings(int(max_new), float(temp), float(topp),
+                                      int(seed_text) if seed_text.lstrip("-").isdigit() else None)
+        try:
+            reply = reply_to(b, hist, system_text, settings)
+        except MMTuneError as e:
+            hist = [*hist, {"role": "assistant", "text": f"⚠️ {e}", "notes": []}]
+            yield chat_messages(hist), hist, gr.skip()
+            return
+        entry = {"role": "assistant", "text": "", "notes": list(reply.notes), "route": reply.route}
+        hist = [*hist, entry]
+        yield chat_messages(hist), hist, route_html(reply.route)
+        try:
+            for piece in reply:
+                entry["text"] += piece
+                yield chat_messages(hist), hist, gr.skip()
+        finally:
+            reply.close()
+        if not entry["text"].strip():
+            entry["text"] = "*(the model ended its turn without text)*"
+            yield chat_messages(hist), hist, gr.skip()
+
+    submit = msg.submit(add_user, [msg, history], [msg, chatbot, history], queue=False)
+    reply_event = submit.then(respond, [history, system, temperature, top_p, max_tokens, seed],
+                              [chatbot, history, route], show_progress="hidden")
+    reply_event.then(lambda: gr.MultimodalTextbox(interactive=True), None, [msg], queue=False)
+    msg.stop(lambda: gr.MultimodalTextbox(interactive=True), None, [msg], cancels=[reply_event], queue=False)
+    clear.click(lambda: ([], [], gr.MultimodalTextbox(value=None, interactive=True)), None,
+                [chatbot, history, msg], queue=False)
+
+    def load_model(model_dir, adapter_dir):
+        model_dir = (model_dir or "").strip()
+        if not model_dir:
+            gr.Warning("Enter a model directory (or builtin:tiny).")
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            b = slot.load(model_dir, (adapter_dir or "").strip() or None)
+        except MMTuneError as e:
+            gr.Warning(str(e))
+            return gr.skip(), f"**Could not load:** {e}", gr.skip()
+        gr.Info(f"Loaded {b.name}")
+        return header_html(slot), model_info_md(slot), route_html(b.default_route())
+
+    load_btn.click(load_model, [model_box, adapter_box], [header, model_info, route])
+    return ChatTab(route, model_box, adapter_box, model_info)
+
+
+def train_tab(gr, slot: ModelSlot, jobs: JobSlot, header, chat: ChatTab, tabs, recipes: list[str],
+              default_recipe: str) -> None:
+    """The Train tab's components and events (inside its ``gr.Tab``): recipe and overrides, start /
+    stop, the progress bar, loss charts, sample generations and the log, polled once a second."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            recipe = gr.Dropdown(recipes, value=default_recipe or None, label="Recipe",
+                                 allow_custom_value=True, elem_id="mm-recipe",
+                                 info="a shipped recipe, or the path of a YAML file")
+            overrides = gr.Textbox(label="Overrides", lines=3, elem_id="mm-overrides",
+                                   placeholder="train.max_steps=100\ntrain.output_dir=runs/my-run",
+                                   info="dotted key=value, one per line")
+            with gr.Row():
+                resume = gr.Checkbox(label="Resume", value=False,
+                                     info="continue from the latest checkpoint")
+                overwrite = gr.Checkbox(label="Overwrite", value=False,
+                                        info="start over in a used output dir")
+            with gr.Row():
+                start_btn = gr.Button("Start training", variant="primary", elem_id="mm-start")
+                stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="mm-stop")
+            train_status = gr.Markdown(elem_id="mm-train-status")
+            chat_btn = gr.Button("Chat with the trained model", visible=False, elem_id="mm-chat-result")
+            with gr.Accordion("Recipe file", open=False):
+                recipe_view = gr.Code(recipe_text(default_recipe) if default_recipe else "",
+                                      language="yaml", lines=14, interactive=False, show_label=False)
+        with gr.Column(scale=3):
+            progress = gr.HTML(progress_html(None))
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260,
+                                        x_title="step", y_title="loss")
+                eval_plot = gr.LinePlot(x="step", y="eval loss", title="Eval loss", height=260,
+                                        x_title="step", y_title="eval loss")
+            samples = gr.Dataframe(headers=["step", "prompt", "output"], label="Sample generations",
+                                   wrap=True, interactive=False, max_height=260,
+                                   column_widths=["10%", "35%", "55%"])
+            with gr.Accordion("Log", open=False):
+                log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, autoscroll=True,
+                                     interactive=False)
+    seen = gr.State({"rows": -1, "state": None, "lines": -1})
+    timer = gr.Timer(1.0)
+
+    def start_training(recipe_name, override_text, do_resume, do_overwrite):
+        from ..config import load_recipe
+
+        if jobs.job is not None and jobs.job.alive:
+            gr.Warning("A run is already going: stop it first.")
+            return gr.skip(), gr.skip(), gr.skip()
+        if not recipe_name:
+            return "Pick a recipe first.", gr.skip(), gr.skip()
+        try:
+            rec = load_recipe(recipe_name, parse_overrides(override_text))
+            if rec.continual is not None:
+                raise MMTuneError(f"{recipe_name} is a continual-learning recipe: run it with "
+                                  f"`mmtune continual {recipe_name}`; its report then shows under Reports")
+        except MMTuneError as e:
+            return f"**Cannot start:** {e}", gr.skip(), gr.skip()
+        jobs.job = TrainJob(rec, resume=bool(do_resume), overwrite=bool(do_overwrite), source=recipe_name).start()
+        return job_status_md(jobs.job), gr.Button(interactive=False), gr.Button(interactive=jobs.job.can_stop)
+
+    def stop_training():
+        job = jobs.job
+        if job is None or not job.stop():
+            return gr.skip(), gr.skip()
+        return job_status_md(job), gr.Button(interactive=False)
+
+    def refresh(seen_state):
+        """Timer tick: redraw only what changed since this session last looked."""
+        job = jobs.job
+        if job is None:
+            return (gr.skip(),) * 9 + (seen_state,)
+        rows = job.metrics()
+        changed = len(rows) != seen_state["rows"] or job.state != seen_state["state"]
+        out = [progress_html(job, rows)]
+        if changed:
+            train_df, eval_df = loss_frames(rows)
+            out += [train_df, eval_df, job.samples(rows)]
+        else:
+            out += [gr.skip()] * 3
+        out.append("\n".join(job.lines) if changed or len(job.lines) != seen_state["lines"] else gr.skip())
+        if job.state != seen_state["state"]:
+            running = job.alive
+            out += [job_status_md(job), gr.Button(interactive=not running),
+                    gr.Button(interactive=running and job.can_stop and job.state == "running"),
+                    gr.Button(visible=not running and job.chat_dir() is not None)]
+        else:
+            out += [gr.skip()] * 4
+        return (*out, {"rows": len(rows), "state": job.state, "lines": len(job.lines)})
+
+    def chat_with_result():
+        job = jobs.job
+        target = job.chat_dir() if job is not None else None
+        if target is None:
+            gr.Warning("The run has no final weights yet.")
+            return (gr.skip(),) * 6
+        try:
+            b = slot.load(str(target))
+        except MMTuneError as e:
+            gr.Warning(str(e))
+            return (gr.skip(),) * 6
+        gr.Info(f"Loaded {b.name}")
+        return (header_html(slot), model_info_md(slot), route_html(b.default_route()), str(target),
+                "", gr.Tabs(selected="chat"))
+
+    recipe.change(recipe_text, [recipe], [recipe_view], queue=False)
+    start_btn.click(start_training, [recipe, overrides, resume, overwrite], [train_status, start_btn, stop_btn])
+    stop_btn.click(stop_training, None, [train_status, stop_btn])
+    timer.tick(refresh, [seen], [progress, loss_plot, eval_plot, samples, log_box, train_status, start_btn,
+                                 stop_btn, chat_btn, seen], show_progress="hidden")
+    chat_btn.click(chat_with_result, None,
+                   [header, chat.model_info, chat.route, chat.model_box, chat.adapter_box, tabs])
+
+
+def reports_tab(gr, app, runs_dir: str) -> None:
+    """The Reports tab's components and events (inside its ``gr.Tab``): every report.md below the
+    runs directory, its figures and metrics; scanned when the page loads."""
+    with gr.Row():
+        root_box = gr.Textbox(value=runs_dir, label="Runs directory", scale=4,
+                              info="every directory below it with a report.md (demo, continual)")
+        scan_btn = gr.Button("Scan", scale=1)
+    report_pick = gr.Dropdown([], label="Report", interactive=True)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            report_md = gr.Markdown("Run `mmtune demo` or `mmtune continual RECIPE`, then press Scan.",
+                                    elem_id="mm-report")
+        with gr.Column(scale=2):
+            report_json = gr.JSON(label="Metrics", open=True, visible=False)
+            report_imgs = gr.Gallery(label="More figures", columns=1, height="auto", object_fit="contain",
+                                     visible=False)
+
+    def scan(root):
+        root_path = Path(root or ".").expanduser()
+        found = find_reports(root_path)
+        if not found:
+            return (gr.Dropdown(choices=[], value=None),
+                    f"No report.md under `{root_path}` yet: run `mmtune demo` or `mmtune continual RECIPE`.",
+                    gr.JSON(value=None, visible=False), gr.Gallery(value=None, visible=False))
+        choices = [(report_label(d, root_path), str(d)) for d in found]
+        return (gr.Dropdown(choices=choices, value=choices[0][1]), *show_report(str(found[0])))
+
+    def show_report(path):
+        if not path:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            rep = read_report(path)
+        except OSError as e:
+            return f"Cannot read {path}: {e}", gr.JSON(visible=False), gr.Gallery(visible=False)
+        return (rep.markdown, gr.JSON(value=rep.metrics, visible=rep.metrics is not None),
+                gr.Gallery(value=[(str(p), p.stem.replace("_", " ")) for p in rep.unlinked] or None,
+                           visible=bool(rep.unlinked)))
+
+    scan_btn.click(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
+    root_box.submit(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
+    report_pick.input(show_report, [report_pick], [report_md, report_json, report_imgs])
+    app.load(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
+
+
 def build_app(model: str | None = None, adapter: str | None = None, *, template: str = "auto",
               runs_dir: str = "runs", backend: ChatBackend | None = None, max_prompt_tokens: int | None = None,
               default_recipe: str = "quickstart"):
@@ -275,266 +552,14 @@ def build_app(model: str | None = None, adapter: str | None = None, *, template:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         header = gr.HTML(header_html(slot))
         with gr.Tabs(selected="chat") as tabs:
-            # ---------------------------------------------------------------- Chat
             with gr.Tab("Chat", id="chat"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=4):
-                        route = gr.HTML(route_html(slot.backend.default_route() if slot.backend else None,
-                                                   slot.backend is not None))
-                        chatbot = gr.Chatbot(elem_id="mm-chat", height=540, show_label=False, layout="bubble",
-                                             buttons=["copy"], feedback_options=None,
-                                             placeholder="**Start a conversation.** Attach an image or an audio "
-                                             "clip with the paperclip; replies stream as they are generated.")
-                        msg = gr.MultimodalTextbox(show_label=False, file_types=["image", "audio"],
-                                                   file_count="multiple", sources=["upload", "microphone"],
-                                                   placeholder="Message the model, or attach an image / audio file…",
-                                                   stop_btn=True, autofocus=True, elem_id="mm-input")
-                        with gr.Row():
-                            clear = gr.Button("New conversation", size="sm", variant="secondary", scale=0,
-                                              min_width=170, elem_id="mm-clear")
-                    with gr.Column(scale=1, min_width=290):
-                        with gr.Accordion("Model", open=slot.backend is None):
-                            model_box = gr.Textbox(label="Model directory", value=model or "builtin:tiny",
-                                                   info="base, merged, adapter, checkpoint, composed model "
-                                                   "or builtin:tiny")
-                            adapter_box = gr.Textbox(label="Adapter (optional)", value=adapter or "",
-                                                     placeholder="runs/my-run/final")
-                            load_btn = gr.Button("Load model", variant="primary", size="sm")
-                            model_info = gr.Markdown(model_info_md(slot))
-                        with gr.Accordion("Generation", open=True):
-                            system = gr.Textbox(label="System prompt", lines=3,
-                                                placeholder="You are a helpful assistant.")
-                            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
-                                                    info="0 = greedy (deterministic)")
-                            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-                            max_tokens = gr.Slider(16, 2048, value=256, step=16, label="Max new tokens")
-                            seed = gr.Textbox(label="Seed", value="", placeholder="random", max_lines=1,
-                                              info="an integer makes sampling repeatable; blank = random")
-                history = gr.State([])
-
-            # ---------------------------------------------------------------- Train
+                chat = chat_tab(gr, slot, header, model, adapter)
             with gr.Tab("Train", id="train"):
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=2, min_width=320):
-                        recipe = gr.Dropdown(recipes, value=default_recipe or None, label="Recipe",
-                                             allow_custom_value=True, elem_id="mm-recipe",
-                                             info="a shipped recipe, or the path of a YAML file")
-                        overrides = gr.Textbox(label="Overrides", lines=3, elem_id="mm-overrides",
-                                               placeholder="train.max_steps=100\ntrain.output_dir=runs/my-run",
-                                               info="dotted key=value, one per line")
-                        with gr.Row():
-                            resume = gr.Checkbox(label="Resume", value=False,
-                                                 info="continue from the latest checkpoint")
-                            overwrite = gr.Checkbox(label="Overwrite", value=False,
-                                                    info="start over in a used output dir")
-                        with gr.Row():
-                            start_btn = gr.Button("Start training", variant="primary", elem_id="mm-start")
-                            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="mm-stop")
-                        train_status = gr.Markdown(elem_id="mm-train-status")
-                        chat_btn = gr.Button("Chat with the trained model", visible=False, elem_id="mm-chat-result")
-                        with gr.Accordion("Recipe file", open=False):
-                            recipe_view = gr.Code(recipe_text(default_recipe) if default_recipe else "",
-                                                  language="yaml", lines=14, interactive=False, show_label=False)
-                    with gr.Column(scale=3):
-                        progress = gr.HTML(progress_html(None))
-                        with gr.Row():
-                            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=260,
-                                                    x_title="step", y_title="loss")
-                            eval_plot = gr.LinePlot(x="step", y="eval loss", title="Eval loss", height=260,
-                                                    x_title="step", y_title="eval loss")
-                        samples = gr.Dataframe(headers=["step", "prompt", "output"], label="Sample generations",
-                                               wrap=True, interactive=False, max_height=260,
-                                               column_widths=["10%", "35%", "55%"])
-                        with gr.Accordion("Log", open=False):
-                            log_box = gr.Textbox(show_label=False, lines=12, max_lines=12, autoscroll=True,
-                                                 interactive=False)
-                seen = gr.State({"rows": -1, "state": None, "lines": -1})
-                timer = gr.Timer(1.0)
-
-            # ---------------------------------------------------------------- Reports
+                train_tab(gr, slot, jobs, header, chat, tabs, recipes, default_recipe)
             with gr.Tab("Reports", id="reports"):
-                with gr.Row():
-                    root_box = gr.Textbox(value=runs_dir, label="Runs directory", scale=4,
-                                          info="every directory below it with a report.md (demo, continual)")
-                    scan_btn = gr.Button("Scan", scale=1)
-                report_pick = gr.Dropdown([], label="Report", interactive=True)
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=3):
-                        report_md = gr.Markdown("Run `mmtune demo` or `mmtune continual RECIPE`, then press Scan.",
-                                                elem_id="mm-report")
-                    with gr.Column(scale=2):
-                        report_json = gr.JSON(label="Metrics", open=True, visible=False)
-                        report_imgs = gr.Gallery(label="More figures", columns=1, height="auto", object_fit="contain",
-                                                 visible=False)
+                reports_tab(gr, app, runs_dir)
         gr.HTML('<div id="mm-footer">mmtune web · OpenAI-compatible API for the same models: '
                 "<code>mmtune serve MODEL_DIR</code></div>")
-
-        # ------------------------------------------------------------------------ Chat events
-        def add_user(value, hist):
-            value = value or {}
-            text = (value.get("text") or "").strip()
-            files = [f if isinstance(f, str) else f.get("path") for f in value.get("files") or []]
-            images, audios, others = split_attachments([f for f in files if f])
-            for o in others:
-                gr.Warning(f"{Path(o).name} is neither an image nor audio; it was not sent.")
-            if not text and not images and not audios:
-                return gr.MultimodalTextbox(value=None), chat_messages(hist), hist
-            hist = [*hist, {"role": "user", "text": text, "images": images, "audios": audios}]
-            return gr.MultimodalTextbox(value=None, interactive=False), chat_messages(hist), hist
-
-        def respond(hist, system_text, temp, topp, max_new, seed_value):
-            if not hist or hist[-1]["role"] != "user":
-                yield chat_messages(hist), hist, gr.skip()
-                return
-            b = slot.backend
-            if b is None:
-                hist = [*hist, {"role": "assistant", "text": "No model is loaded: enter a model directory on the "
-                                "right and press **Load model**.", "notes": []}]
-                yield chat_messages(hist), hist, route_html(None, False)
-                return
-            seed_text = str(seed_value or "").strip()
-            if seed_text and not seed_text.lstrip("-").isdigit():
-                gr.Warning(f"Seed {seed_text!r} is not an integer: sampling with a random seed.")
-            settings = GenerationSettings(int(max_new), float(temp), float(topp),
-                                          int(seed_text) if seed_text.lstrip("-").isdigit() else None)
-            try:
-                reply = reply_to(b, hist, system_text, settings)
-            except MMTuneError as e:
-                hist = [*hist, {"role": "assistant", "text": f"⚠️ {e}", "notes": []}]
-                yield chat_messages(hist), hist, gr.skip()
-                return
-            entry = {"role": "assistant", "text": "", "notes": list(reply.notes), "route": reply.route}
-            hist = [*hist, entry]
-            yield chat_messages(hist), hist, route_html(reply.route)
-            try:
-                for piece in reply:
-                    entry["text"] += piece
-                    yield chat_messages(hist), hist, gr.skip()
-            finally:
-                reply.close()
-            if not entry["text"].strip():
-                entry["text"] = "*(the model ended its turn without text)*"
-                yield chat_messages(hist), hist, gr.skip()
-
-        submit = msg.submit(add_user, [msg, history], [msg, chatbot, history], queue=False)
-        reply_event = submit.then(respond, [history, system, temperature, top_p, max_tokens, seed],
-                                  [chatbot, history, route], show_progress="hidden")
-        reply_event.then(lambda: gr.MultimodalTextbox(interactive=True), None, [msg], queue=False)
-        msg.stop(lambda: gr.MultimodalTextbox(interactive=True), None, [msg], cancels=[reply_event], queue=False)
-        clear.click(lambda: ([], [], gr.MultimodalTextbox(value=None, interactive=True)), None,
-                    [chatbot, history, msg], queue=False)
-
-        def load_model(model_dir, adapter_dir):
-            model_dir = (model_dir or "").strip()
-            if not model_dir:
-                gr.Warning("Enter a model directory (or builtin:tiny).")
-                return gr.skip(), gr.skip(), gr.skip()
-            try:
-                b = slot.load(model_dir, (adapter_dir or "").strip() or None)
-            except MMTuneError as e:
-                gr.Warning(str(e))
-                return gr.skip(), f"**Could not load:** {e}", gr.skip()
-            gr.Info(f"Loaded {b.name}")
-            return header_html(slot), model_info_md(slot), route_html(b.default_route())
-
-        load_btn.click(load_model, [model_box, adapter_box], [header, model_info, route])
-
-        # ------------------------------------------------------------------------ Train events
-        def start_training(recipe_name, override_text, do_resume, do_overwrite):
-            from ..config import load_recipe
-
-            if jobs.job is not None and jobs.job.alive:
-                gr.Warning("A run is already going: stop it first.")
-                return gr.skip(), gr.skip(), gr.skip()
-            if not recipe_name:
-                return "Pick a recipe first.", gr.skip(), gr.skip()
-            try:
-                rec = load_recipe(recipe_name, parse_overrides(override_text))
-                if rec.continual is not None:
-                    raise MMTuneError(f"{recipe_name} is a continual-learning recipe: run it with "
-                                      f"`mmtune continual {recipe_name}`; its report then shows under Reports")
-            except MMTuneError as e:
-                return f"**Cannot start:** {e}", gr.skip(), gr.skip()
-            jobs.job = TrainJob(rec, resume=bool(do_resume), overwrite=bool(do_overwrite), source=recipe_name).start()
-            return job_status_md(jobs.job), gr.Button(interactive=False), gr.Button(interactive=jobs.job.can_stop)
-
-        def stop_training():
-            job = jobs.job
-            if job is None or not job.stop():
-                return gr.skip(), gr.skip()
-            return job_status_md(job), gr.Button(interactive=False)
-
-        def refresh(seen_state):
-            """Timer tick: redraw only what changed since this session last looked."""
-            job = jobs.job
-            if job is None:
-                return (gr.skip(),) * 9 + (seen_state,)
-            rows = job.metrics()
-            changed = len(rows) != seen_state["rows"] or job.state != seen_state["state"]
-            out = [progress_html(job, rows)]
-            if changed:
-                train_df, eval_df = loss_frames(rows)
-                out += [train_df, eval_df, job.samples(rows)]
-            else:
-                out += [gr.skip()] * 3
-            out.append("\n".join(job.lines) if changed or len(job.lines) != seen_state["lines"] else gr.skip())
-            if job.state != seen_state["state"]:
-                running = job.alive
-                out += [job_status_md(job), gr.Button(interactive=not running),
-                        gr.Button(interactive=running and job.can_stop and job.state == "running"),
-                        gr.Button(visible=not running and job.chat_dir() is not None)]
-            else:
-                out += [gr.skip()] * 4
-            return (*out, {"rows": len(rows), "state": job.state, "lines": len(job.lines)})
-
-        def chat_with_result():
-            job = jobs.job
-            target = job.chat_dir() if job is not None else None
-            if target is None:
-                gr.Warning("The run has no final weights yet.")
-                return (gr.skip(),) * 6
-            try:
-                b = slot.load(str(target))
-            except MMTuneError as e:
-                gr.Warning(str(e))
-                return (gr.skip(),) * 6
-            gr.Info(f"Loaded {b.name}")
-            return (header_html(slot), model_info_md(slot), route_html(b.default_route()), str(target),
-                    "", gr.Tabs(selected="chat"))
-
-        recipe.change(recipe_text, [recipe], [recipe_view], queue=False)
-        start_btn.click(start_training, [recipe, overrides, resume, overwrite], [train_status, start_btn, stop_btn])
-        stop_btn.click(stop_training, None, [train_status, stop_btn])
-        timer.tick(refresh, [seen], [progress, loss_plot, eval_plot, samples, log_box, train_status, start_btn,
-                                     stop_btn, chat_btn, seen], show_progress="hidden")
-        chat_btn.click(chat_with_result, None, [header, model_info, route, model_box, adapter_box, tabs])
-
-        # ------------------------------------------------------------------------ Reports events
-        def scan(root):
-            root_path = Path(root or ".").expanduser()
-            found = find_reports(root_path)
-            if not found:
-                return (gr.Dropdown(choices=[], value=None),
-                        f"No report.md under `{root_path}` yet: run `mmtune demo` or `mmtune continual RECIPE`.",
-                        gr.JSON(value=None, visible=False), gr.Gallery(value=None, visible=False))
-            choices = [(report_label(d, root_path), str(d)) for d in found]
-            return (gr.Dropdown(choices=choices, value=choices[0][1]), *show_report(str(found[0])))
-
-        def show_report(path):
-            if not path:
-                return gr.skip(), gr.skip(), gr.skip()
-            try:
-                rep = read_report(path)
-            except OSError as e:
-                return f"Cannot read {path}: {e}", gr.JSON(visible=False), gr.Gallery(visible=False)
-            return (rep.markdown, gr.JSON(value=rep.metrics, visible=rep.metrics is not None),
-                    gr.Gallery(value=[(str(p), p.stem.replace("_", " ")) for p in rep.unlinked] or None,
-                               visible=bool(rep.unlinked)))
-
-        scan_btn.click(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
-        root_box.submit(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
-        report_pick.input(show_report, [report_pick], [report_md, report_json, report_imgs])
-        app.load(scan, [root_box], [report_pick, report_md, report_json, report_imgs])
     app.mmtune_slot, app.mmtune_jobs = slot, jobs  # for tests and embedding
     return app
 

@@ -160,8 +160,9 @@ def is_composed(model) -> bool:
 
 def route_media(model, adapter: str) -> None:
     """Send every media group of a composed model through ``adapter`` (text keeps its route)."""
-    for group in ("image", "audio", "image+audio"):
-        model.router.table[group] = adapter
+    for group in model.router.table:
+        if group != "text":
+            model.router.table[group] = adapter
 
 
 @STRATEGIES.register("olora")
