@@ -61,12 +61,42 @@ def eval_causal(recipe, checkpoint: str | None = None, max_new_tokens: int = 32)
             if err is not None:
                 raise err
             records.append(raw)
+    if recipe.objective == "pretrain":  # plain text: nothing to answer, the held-out loss
+        return text_loss(model, tokenizer, records, recipe.data.max_length)
     pref = {}
     if objective_data(recipe.objective) == "pairs":
         pref, records = _preference_eval(recipe, model, tokenizer, template, records)
     metrics = pref | exact_match(model, tokenizer, template, records, max_new_tokens, recipe.data.answer_marker)
     metrics.pop("examples", None)
     return metrics
+
+
+def text_loss(model, tokenizer, records: list[dict], max_length: int) -> dict:
+    """Held-out loss of a continued-pretraining run: the mean next-token cross-entropy over the
+    tokens of every record's ``text`` (each record alone, truncated at ``max_length``; BOS as the
+    tokenizer adds it), and its perplexity."""
+    import math
+
+    import torch
+
+    texts = [r.get("text") for r in records]
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise MMTuneError("continued-pretraining eval needs records with a non-empty `text` field")
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids.to(device)
+            if ids.shape[1] < 2:
+                continue
+            n = ids.shape[1] - 1
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * n
+            count += n
+    if count == 0:
+        raise MMTuneError("no eval record has two tokens or more to score")
+    loss = total / count
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 def _preference_eval(recipe, model, tokenizer, template, raw_pairs: list[dict]) -> tuple[dict, list[dict]]:
