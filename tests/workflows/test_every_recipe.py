@@ -105,6 +105,17 @@ def test_every_recipe_trains_resumes_overwrites_and_evaluates(name, tmp_path, ca
     assert main(["eval", first]) == 0, capsys.readouterr().err
     text = capsys.readouterr().out.lower()
     assert any(w in text for w in ("exact", "acc", "loss", "f1", "spearman")), text
+    if workflow in ("causal", "multimodal"):  # the result is a chat model (terminal, web, serve)
+        from mmtune.inference.models import load_chat_model
+        from mmtune.inference.session import ChatSession
+        from mmtune.inference.turns import GenerationSettings
+
+        session = ChatSession(load_chat_model(str(out / "final")))
+        reply = session.send("What is 2 + 3?", settings=GenerationSettings(max_new_tokens=4, temperature=0.0))
+        text = "".join(reply)
+        assert reply.finish_reason in ("stop", "length") and reply.prompt_tokens > 0
+        assert reply.completion_tokens >= 1 or reply.finish_reason == "stop", text
+        assert session.messages()[-1] == {"role": "assistant", "content": text}
 
 
 def _workflows() -> list[tuple[str, str]]:
