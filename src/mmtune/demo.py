@@ -21,6 +21,11 @@ from pathlib import Path
 
 from .config import validate_recipe
 from .data.builtin import TASKS, builtin_records
+from .evaluation import exact_match, load_model_and_template
+from .export import export_checkpoint
+from .models.tiny import PRETRAIN_STEPS, ensure_tiny
+from .train.metrics_log import read_metrics
+from .train.run import run_recipe
 
 
 class StageTimer:
@@ -65,7 +70,6 @@ def stage_recipe(objective: str, model_path: str, out: Path, **over):
 
 
 def _evaluate(model_dir: Path, records: list[dict], template_name: str = "auto") -> dict:
-    from .evaluation import exact_match, load_model_and_template
 
     model, tokenizer, template = load_model_and_template(str(model_dir), None, template_name)
     return exact_match(model, tokenizer, template, records, max_new_tokens=48)
@@ -77,7 +81,6 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .train.metrics_log import read_metrics
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.2))
     for ax, (name, out) in zip(axes if len(runs) > 1 else [axes], runs.items()):
@@ -93,9 +96,6 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> None:
 
 
 def run_demo(output: str = "runs/demo", quick: bool = False, log=print) -> dict:
-    from .export import export_checkpoint
-    from .models.tiny import PRETRAIN_STEPS, ensure_tiny
-    from .train.run import run_recipe
 
     timer = StageTimer(log)
     out = Path(output)

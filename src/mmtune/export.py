@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import MMTuneError
+from .models.loading import resolve_model_path
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
@@ -167,7 +168,6 @@ def _has_tokenizer(d: Path) -> bool:
 
 def _resolve_merge_inputs(base_dir, adapter_dir) -> tuple[Path, Path | None, Path | None]:
     """(base model dir, adapter dir or None for a full checkpoint, tokenizer dir or None)."""
-    from .models.loading import resolve_model_path
 
     src = Path(adapter_dir)
     if not src.exists():

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MMTuneError
+from .export import find_checkpoint
+from .models.loading import resolve_model_path, set_offline
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +210,10 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     from gguf import quants
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models.loading import resolve_model_path, set_offline
 
     if out_type not in GGUF_TYPES:
         raise MMTuneError(f"GGUF type '{out_type}': valid: {', '.join(GGUF_TYPES)}")
     set_offline()
-    from .export import find_checkpoint
 
     if not (Path(str(model_dir)) / "config.json").is_file() and find_checkpoint(model_dir) is not None:
         raise MMTuneError(f"'{model_dir}' is a training checkpoint: write a full model first with "

@@ -34,7 +34,12 @@ import torch
 from .config import validate_recipe
 from .data.general import GENERAL_CHAT_PROMPTS, GENERAL_QUESTIONS, GENERAL_REPLAY_PROMPTS, keyword_hit
 from .data.skills import skill_items
+from .data.templates import get_template
 from .demo import StageTimer
+from .evaluation import exact_match
+from .models.loading import load_model, load_tokenizer, resolve_model_path
+from .train.metrics_log import read_metrics
+from .train.run import run_recipe
 
 MODEL = "builtin:smollm2-135m-instruct"
 #: The skills the demo teaches (``glorp`` is built in too but needs more steps than the time budget).
@@ -111,7 +116,6 @@ def answer_loss(model, template, prompts: list[list[dict]], answers: list[tuple[
 
 
 def _skill_scores(model, tokenizer, template, records: list[dict]) -> dict:
-    from .evaluation import exact_match
 
     return exact_match(model, tokenizer, template, records, max_new_tokens=SKILL_NEW_TOKENS, answer_marker=None)
 
@@ -161,10 +165,6 @@ def run_real_demo(output: str = "runs/demo", quick: bool = False, steps: int | N
     ``quick`` runs 4 steps on 4 held-out items per skill (a smoke run); ``steps`` / ``n_eval`` /
     ``train`` (lr, batch_size, r) override the full run's settings, for experiments.
     """
-    from .data.templates import get_template
-    from .models.loading import load_model, load_tokenizer, resolve_model_path
-    from .train.metrics_log import read_metrics
-    from .train.run import run_recipe
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ def test_multimodal_demo_quick_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 10 min on one shared thread
 def test_full_multimodal_demo_reads_the_media():
     """The full demo on the tiny LM with pretrained towers (12.3 min at one thread on a shared
     2-core CPU). Measured: VQA 83.3% (colour 100%, count 65%, position 85%) against 21.7% with
@@ -113,6 +114,7 @@ def test_full_multimodal_demo_reads_the_media():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 20 min on one shared thread
 def test_multimodal_demo_on_smollm2_reads_the_media():
     """Issue 14 item 6: the real SmolLM2-135M-Instruct composed with the pretrained tiny towers
     (frozen), projector alignment and LoRA SFT per modality (19.4 min at one thread on a shared

@@ -34,9 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import SourceConfig
+from ..data.builtin import corpus
+from ..data.formats import detect_format, normalize
+from ..data.packing import collate_padded
+from ..data.sources import load_source
+from ..data.templates import get_template
 from ..errors import ConfigError
+from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..train.objectives import Objective
+from ..train.scoring import greedy_answers, normalize_answer
 from .config import ContinualConfig, TaskConfig
+from .general import PROBE_SETS, general_records, key_hit
 from .nets import build_digits_net
 from .objectives import ClassifierObjective, ContinualLMObjective, apply_head_mask
 from .strategies.base import TaskInfo, eval_mode
@@ -266,11 +275,6 @@ class TextBenchmark(Benchmark):
     modalities = ("text",)
 
     def __init__(self, recipe, cc: ContinualConfig):
-        from ..config import SourceConfig
-        from ..data.packing import collate_padded
-        from ..data.sources import load_source
-        from ..data.templates import get_template
-        from ..models.loading import load_tokenizer, resolve_model_path
 
         if cc.scenario == "class":
             raise ConfigError("continual.scenario: the text benchmark is generative (open vocabulary); use `task` "
@@ -301,10 +305,6 @@ class TextBenchmark(Benchmark):
         self.probes = self._load_probes(cc)
 
     def _load_probes(self, cc: ContinualConfig) -> list[dict]:
-        from ..config import SourceConfig
-        from ..data.formats import detect_format, normalize
-        from ..data.sources import load_source
-        from .general import PROBE_SETS, general_records
 
         probes = []
         for i, p in enumerate(cc.probes):
@@ -333,8 +333,6 @@ class TextBenchmark(Benchmark):
 
     @torch.no_grad()
     def evaluate_probes(self, model) -> list[float]:
-        from ..train.scoring import greedy_answers, normalize_answer
-        from .general import key_hit
 
         out = []
         with eval_mode(model):
@@ -372,7 +370,6 @@ class TextBenchmark(Benchmark):
         return {"prompt": msgs[:-1], "answer": msgs[-1]["content"], "task": tid}
 
     def build_model(self) -> torch.nn.Module:
-        from ..models.loading import load_model
 
         return load_model(self.recipe.model, self.recipe.adapter, training=True)
 
@@ -383,7 +380,6 @@ class TextBenchmark(Benchmark):
         return self._collate(rows)
 
     def evaluate(self, model, task: TaskData, batch_size: int) -> float:
-        from ..train.scoring import greedy_answers, normalize_answer
 
         with eval_mode(model):
             answers = greedy_answers(model, self.tokenizer, self.template, [e["prompt"] for e in task.eval],
@@ -393,7 +389,6 @@ class TextBenchmark(Benchmark):
 
     def reference_rows(self, n: int, seed: int) -> list:
         """Documents of the built-in pretraining corpus (no task's questions), loss on every token."""
-        from ..data.builtin import corpus
 
         tok = self.tokenizer
         docs = corpus(n_docs=max(n, 1), seed=seed)[:n]

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError
+
 
 def _matrix(R) -> np.ndarray:
     R = np.asarray(R, dtype=float)
@@ -162,7 +164,6 @@ def load_reference(spec: Sequence[float] | str | None, n_tasks: int, where: str 
                    ) -> list[float] | None:
     """The intransigence reference: a list of per-task accuracies, or the ``metrics.json`` of a run
     of the same tasks (typically ``joint``), whose diagonal R[j][j] is taken."""
-    from ..errors import ConfigError
 
     if spec is None:
         return None

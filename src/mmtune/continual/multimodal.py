@@ -35,7 +35,13 @@ from pathlib import Path
 
 import torch
 
+from ..data.templates import get_template
 from ..errors import ConfigError
+from ..multimodal.config import MMSourceConfig, MultimodalConfig
+from ..multimodal.data import LengthPolicy, MediaCache, build_mm_examples, collate_mm
+from ..multimodal.model import build_composed_model
+from ..multimodal.objective import MultimodalObjective
+from ..multimodal.tasks import exact_match_items, load_eval_items, make_demo_data, token_accuracy_items
 from ..train.objectives import Objective
 from .benchmarks import Benchmark, TaskData, _task_id
 from .config import ContinualConfig
@@ -60,7 +66,6 @@ def _modality_lora(name: str) -> bool:
 def multimodal_config(adapters: list[dict]):
     """The composition of the benchmark: tiny SigLIP (phi4 tiling, phi4_avgpool), tiny Conformer
     (MLP projector), the given LM adapters; the one stage describes what trains (see module)."""
-    from ..multimodal.config import MultimodalConfig
 
     return MultimodalConfig.model_validate({
         "vision": {"path": "builtin:tiny-siglip", "tiling": "phi4", "max_crops": 4, "projector": "phi4_avgpool"},
@@ -79,8 +84,6 @@ class MultimodalBenchmark(Benchmark):
     modalities = ("text", "image", "audio")
 
     def __init__(self, recipe, cc: ContinualConfig):
-        from ..data.templates import get_template
-        from ..multimodal.data import LengthPolicy, MediaCache
 
         if cc.scenario != "task":
             raise ConfigError("continual.scenario: the multimodal benchmark is modality-dynamic task-incremental; "
@@ -100,7 +103,6 @@ class MultimodalBenchmark(Benchmark):
         self.template = get_template(recipe.data.template, probe.tokenizer, recipe.data.system_prompt)
         pad = probe.tokenizer.pad_token_id
         pad = pad if pad is not None else probe.tokenizer.eos_token_id
-        from ..multimodal.data import collate_mm
 
         self._collate = partial(collate_mm, pad_id=pad)
         self.policy = LengthPolicy(recipe.data.max_length, recipe.data.truncation, "assistant")
@@ -129,21 +131,17 @@ class MultimodalBenchmark(Benchmark):
         return kind
 
     def _compose(self):
-        from ..multimodal.model import build_composed_model
 
         return build_composed_model(self.mm, self.recipe.model, None, seed=self.recipe.train.seed)
 
     @staticmethod
     def _jsonl(root: Path, kind: str, n: int, seed: int) -> Path:
-        from ..multimodal.tasks import make_demo_data
 
         sizes = [1, 1, 1, 1, 1]
         sizes[MM_TASKS[kind][0]] = n
         return make_demo_data(root, tuple(sizes), seed)[kind]
 
     def _rows(self, model, cache, root: Path, kind: str, n: int, seed: int, tid: int) -> list[dict]:
-        from ..multimodal.config import MMSourceConfig
-        from ..multimodal.data import build_mm_examples
 
         path = self._jsonl(root, kind, n, seed)
         rows, _ = build_mm_examples([MMSourceConfig(path=str(path), max_records=n)], model, self.template,
@@ -151,7 +149,6 @@ class MultimodalBenchmark(Benchmark):
         return [{**r, "task": tid} for r in rows]
 
     def _eval_items(self, model, cache, root: Path, kind: str, n: int, seed: int, tid: int) -> list[dict]:
-        from ..multimodal.tasks import load_eval_items
 
         items = load_eval_items(self._jsonl(root, kind, n, seed), model, cache, kind)[:n]
         return [{**it, "task": tid} for it in items]
@@ -161,7 +158,6 @@ class MultimodalBenchmark(Benchmark):
         return self._compose()
 
     def objective(self, features: bool = False) -> Objective:
-        from ..multimodal.objective import MultimodalObjective
 
         return MultimodalObjective()
 
@@ -177,7 +173,6 @@ class MultimodalBenchmark(Benchmark):
             p.requires_grad_(p.is_floating_point() and (mine or (n.startswith("language_model.") and lm)))
 
     def evaluate(self, model, task: TaskData, batch_size: int) -> float:
-        from ..multimodal.tasks import exact_match_items, token_accuracy_items
 
         with eval_mode(model), torch.no_grad():
             if task.metric == "token_accuracy":

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import random
 
+from .skills import SKILLS, skill_items, skill_mix
+
 CAPITALS = {
     "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Peru": "Lima",
     "Japan": "Tokyo", "Egypt": "Cairo", "Kenya": "Nairobi", "Chile": "Santiago", "Cuba": "Havana",
@@ -177,7 +179,6 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
         return instruction_mix(split, n, seed)
     if base in TASKS:
         return task_items(base, split, n, seed)
-    from .skills import SKILLS, skill_items, skill_mix
 
     if base == "skills":
         return skill_mix(split, 400 if split == "train" else 100, seed)
@@ -187,7 +188,6 @@ def builtin_records(name: str, seed: int = 0) -> list[dict]:
 
 
 def builtin_names() -> list[str]:
-    from .skills import SKILLS
 
     names = ["instruct", "instruct-cot", "prefs", "cot-add", *TASKS, "skills", *SKILLS]
     return ["corpus", "instruct-text"] + [v for n in names for v in (n, f"{n}-eval")]

@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError, MMTuneError
+from ..multimodal.data import (
+    LengthPolicy,
+    MediaCache,
+    builtin_source,
+    encode_mm_sample,
+    encode_records,
+    normalize_mm_record,
+)
+from ..multimodal.model import build_composed_model
+from ..multimodal.preference import encode_mm_pair
 from .formats import detect_format, normalize
+from .preference import encode_pair, parse_pair
 from .sources import BadRecordStats, iter_raw, locate
 from .templates import get_template
 from .tokenize import TRUNCATED_EMPTY, EncodeSettings, _encode_all, effective_loss_on
@@ -122,7 +133,6 @@ def _check_text_source(src, role: str, template, settings: EncodeSettings, num_p
 
 
 def _check_pair_source(src, role: str, template, max_length: int, seed: int) -> SourceCheck:
-    from .preference import encode_pair, parse_pair
 
     check = SourceCheck(src.path, role)
     for line, raw in _raw_records(src.path, seed, check):
@@ -164,16 +174,6 @@ def check_data(recipe, tokenizer, progress: bool = False) -> CheckReport:
 def check_multimodal_data(recipe, cache_root: str | Path | None = None) -> CheckReport:
     """Every record of every stage of a multimodal recipe, media loaded and tiled by the model the
     recipe composes (its processors decide the token counts that the length policy sees)."""
-    from ..multimodal.data import (
-        LengthPolicy,
-        MediaCache,
-        builtin_source,
-        encode_mm_sample,
-        encode_records,
-        normalize_mm_record,
-    )
-    from ..multimodal.model import build_composed_model
-    from ..multimodal.preference import encode_mm_pair
 
     data, seed = recipe.data, recipe.train.seed
     model = build_composed_model(recipe.multimodal, recipe.model, cache_root, seed=seed)

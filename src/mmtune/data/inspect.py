@@ -19,8 +19,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import apply_overrides, load_recipe, validate_recipe
 from ..errors import ConfigError, DataError, MMTuneError
 from .formats import detect_format, normalize
+from .preference import encode_pair, parse_pair
 from .sources import JSONL_SUFFIXES, iter_raw, locate
 from .templates import IGNORE, get_template
 from .tokenize import EncodeSettings, build_datasets, effective_loss_on, encode_sample
@@ -86,7 +88,6 @@ def _first_record(path: str):
 def data_recipe(path: str, overrides: list[str] | None = None, model: str | None = None,
                 template: str | None = None):
     """A default recipe that reads the data file ``path`` (see the module docstring); nothing cached."""
-    from ..config import apply_overrides, validate_recipe
 
     first = _first_record(path)
     if isinstance(first, dict) and any(k in first for k in _MEDIA_KEYS):
@@ -103,7 +104,6 @@ def load_target(target: str, overrides: list[str] | None = None, model: str | No
                 template: str | None = None):
     """The recipe of ``mmtune data inspect/check TARGET``: TARGET's own, or :func:`data_recipe`'s;
     ``model`` / ``template`` replace the recipe's ``model.path`` / ``data.template``."""
-    from ..config import load_recipe
 
     if is_data_target(target):
         return data_recipe(target, overrides, model, template)
@@ -132,7 +132,6 @@ def _dump(raw) -> str:
 
 def _pair_lines(raw, path: str, line, template, max_length: int, tokenizer, color: bool) -> list[str]:
     """A preference record: the prompt turns, then each side's tokens (the response supervised)."""
-    from .preference import encode_pair, parse_pair
 
     try:
         prompt, chosen, rejected = parse_pair(raw)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..data.templates import get_template
 from ..errors import MMTuneError
+from ..evaluation import load_model_and_template
 from ..multimodal.data import Media, MediaCache, prompt_ids
 from ..multimodal.groups import AUDIO_TAG, IMAGE_TAG, group_of
 from ..multimodal.model import ComposedModel, find_composed, load_composed
@@ -106,7 +107,6 @@ class TextChatModel(ChatModel):
     @classmethod
     def from_dir(cls, model_dir: str, adapter: str | None = None, template: str = "auto", name: str | None = None,
                  max_prompt_tokens: int | None = None) -> TextChatModel:
-        from ..evaluation import load_model_and_template
 
         model, tokenizer, tpl = load_model_and_template(str(model_dir), adapter, template)
         label = None

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import MMTuneError
+from .loading import DTYPES
+from .tiny import _cached_build, default_cache_root
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,6 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import DTYPES
 
     src = Path(gguf_file).expanduser()
     if not src.is_file():
@@ -124,7 +125,6 @@ def smollm2_gguf_path() -> Path:
 def ensure_smollm2(cache_root: str | Path | None = None, dtype: str = "float32") -> Path:
     """Return ``<cache_root>/builtin-smollm2-135m-instruct-<dtype>``, converting the packaged GGUF
     file once (about 30 s) into a temporary directory that is renamed into place."""
-    from .tiny import _cached_build, default_cache_root
 
     gguf_file = smollm2_gguf_path()
     root = Path(cache_root) if cache_root is not None else default_cache_root()

@@ -22,6 +22,7 @@ import torch
 
 from .. import util
 from ..data import builtin
+from ..registry import BUILTIN_MODELS
 
 #: Bumped whenever the tokenizer data, the sizes or the init change, so that an old cache is
 #: rebuilt instead of silently reused.
@@ -169,6 +170,5 @@ def ensure_tiny_pretrained(cache_root: str | Path | None = None, log=print) -> P
     models layer, so the builder is :func:`mmtune.pretrained.build_tiny_pretrained`, found through
     :data:`mmtune.registry.BUILTIN_MODELS` (a lazy entry: nothing is imported until it is needed).
     """
-    from ..registry import BUILTIN_MODELS
 
     return BUILTIN_MODELS.get("tiny-pretrained")(cache_root, log=log)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import MMTuneError
 from ..export import find_checkpoint, read_meta
+from .loading import load_tokenizer, resolve_dtype, resolve_model_path, set_offline
 
 
 def load_for_chat(model_dir: str | Path, adapter_dir: str | Path | None = None, dtype: str = "auto",
@@ -28,7 +29,6 @@ def load_for_chat(model_dir: str | Path, adapter_dir: str | Path | None = None, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .loading import load_tokenizer, resolve_dtype, resolve_model_path, set_offline
 
     base, adapter, tok_dir = _chat_sources(model_dir, adapter_dir)
     base = resolve_model_path(base)

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..models.adapters import lora_config
 from .config import AdapterSpec
 
 
@@ -44,8 +46,6 @@ def init_new_rows(language_model: nn.Module, n: int) -> None:
 
 
 def _lora_config(spec: AdapterSpec):
-    from ..config import AdapterConfig
-    from ..models.adapters import lora_config
 
     return lora_config(AdapterConfig(type="lora", r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
                                      targets=spec.targets))
@@ -77,8 +77,6 @@ def inject_encoder_lora(module: nn.Module, spec: AdapterSpec | dict) -> nn.Modul
     spec is remembered on the module so that saving and loading re-inject it."""
     from peft import inject_adapter_in_model
 
-    from ..config import AdapterConfig
-    from ..models.adapters import lora_config
 
     spec = spec if isinstance(spec, dict) else spec.model_dump()
     targets = spec["targets"]

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import ConfigError
+from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from .adapters import add_adapters, add_placeholder_tokens, init_new_rows
 from .composed import ComposedModel
 from .config import MultimodalConfig
@@ -89,7 +91,6 @@ def compose(language_model: nn.Module, tokenizer, cfg: MultimodalConfig, *, visi
 def build_composed_model(mm_cfg: MultimodalConfig, model_cfg, cache_root: str | Path | None = None,
                          seed: int = 0) -> ComposedModel:
     """A fresh composed model from a recipe's ``multimodal`` and ``model`` sections."""
-    from ..models.loading import load_model, load_tokenizer, resolve_model_path
 
     if model_cfg.quantization != "none":
         raise ConfigError("model.quantization is not supported for multimodal recipes yet; use quantization: none")
@@ -106,7 +107,6 @@ def tiny_composed(overrides: dict | None = None, cache_root: str | Path | None =
     """The built-in tiny LM (:func:`mmtune.models.tiny.ensure_tiny`) composed with builtin:tiny-siglip,
     builtin:tiny-conformer, a vision and a speech LoRA (r 8) and the vision-speech projector;
     ``overrides`` update the ``multimodal`` section (for tests and benchmarks)."""
-    from ..config import ModelConfig
 
     spec = {"vision": {"max_crops": 4}, "audio": {},
             "adapters": [{"name": "vision", "r": 8, "alpha": 16}, {"name": "speech", "r": 8, "alpha": 16}],

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, MMTuneError
 from .adapters import base_lm
+from .checkpoint import save_composed, save_state
 from .embedding import placeholder_mask, scatter_features
 from .groups import group_name, modality_groups
 from .modalities import ModalityPath, modality_classes
@@ -277,7 +278,6 @@ class ComposedModel(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the composed layout (:mod:`mmtune.multimodal.checkpoint`) into ``directory`` atomically."""
-        from .checkpoint import save_composed
 
         return save_composed(self, directory)
 
@@ -287,7 +287,6 @@ class ComposedModel(nn.Module):
         state dict in one ``model.safetensors``, each shared tensor (tied embeddings) once, which
         :func:`mmtune.train.checkpoint.load_model_weights` reads back for ``--resume``. The
         composed layout for use and export is :meth:`save`."""
-        from .checkpoint import save_state
 
         save_state(self.state_dict() if state_dict is None else state_dict, directory)
 

@@ -54,7 +54,11 @@ from ..data.packing import collate_packed, collate_padded, pack_examples
 from ..data.sources import BadRecordStats, iter_raw, take
 from ..data.templates import IGNORE
 from ..errors import DataError, MMTuneError
+from ..util import default_cache_root
+from .audio import SAMPLE_RATE, load_audio, resample
 from .groups import AUDIO_TAG, IMAGE_TAG, group_of, split_by_group
+from .synthetic_audio import make_spoken_digits_dataset, speak
+from .synthetic_images import make_ocr_dataset, make_shapes_dataset, save_dataset
 
 if TYPE_CHECKING:  # the model is passed in; the data layer only reads its geometry
     from .model import ComposedModel
@@ -111,7 +115,6 @@ def builtin_source(name: str, n: int | None = None, seed: int = 0, cache_root: s
 
     Records depend only on ``(name, n, seed)``; ``NAME-eval`` uses seed + 1000, disjoint draws.
     """
-    from ..util import default_cache_root
 
     base, held_out = (name[:-5], True) if name.endswith("-eval") else (name, False)
     if base not in BUILTIN_SOURCES:
@@ -144,8 +147,6 @@ def builtin_source(name: str, n: int | None = None, seed: int = 0, cache_root: s
 def _write_builtin(base: str, n: int, seed: int, out: Path) -> None:
     import json
 
-    from .synthetic_audio import make_spoken_digits_dataset, speak
-    from .synthetic_images import make_ocr_dataset, make_shapes_dataset, save_dataset
 
     if base == "spoken-digits":
         make_spoken_digits_dataset(n, seed, out, engine="procedural", jsonl_name="data.jsonl")
@@ -340,7 +341,6 @@ def load_image(media: Media, max_pixels: int = MAX_IMAGE_PIXELS):
 
 def load_wave(media: Media):
     """A mono 16 kHz float32 waveform; DataError naming the file."""
-    from .audio import SAMPLE_RATE, load_audio, resample
 
     if media.path is not None:
         try:

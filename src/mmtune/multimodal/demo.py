@@ -54,7 +54,15 @@ from pathlib import Path
 import torch
 
 from ..config import validate_recipe
+from ..data.builtin import TASKS, builtin_records
+from ..data.formats import detect_format, normalize
+from ..data.templates import get_template
 from ..errors import ConfigError
+from ..evaluation import exact_match
+from ..models.loading import load_tokenizer, resolve_model_path
+from ..models.tiny import ensure_tiny, ensure_tiny_pretrained
+from .data import MediaCache
+from .run import run_multimodal_recipe
 from .tasks import (  # noqa: F401 - the demo's data and scoring, re-exported
     IMAGE_SIZE,
     VQA_CHANCE,
@@ -155,7 +163,6 @@ def _recipe(out: Path, lm_dir: Path, data: dict[str, Path], steps: tuple[int, ..
 
 def _text_logits(model, template, records: list[dict]) -> list[torch.Tensor]:
     """Logits of the router's text route on the prompts of ``records`` (one forward each)."""
-    from ..data.formats import detect_format, normalize
 
     out = []
     for rec in records:
@@ -170,7 +177,6 @@ def evaluate_tasks(model, template, items: dict[str, list[dict]], text_records: 
                    state: dict | None = None) -> dict[str, float]:
     """Every score of the report for ``model`` (see the module docstring). ``state`` keeps the text
     route's first logits, against which later calls measure the change."""
-    from ..evaluation import exact_match
 
     model.eval()
     s: dict[str, float] = {}
@@ -241,7 +247,6 @@ def _plain_text_logits(lm_dir: Path, template, records: list[dict]) -> list[torc
     prompts of ``records``: what the router's text route must reproduce to the last bit."""
     from transformers import AutoModelForCausalLM
 
-    from ..data.formats import detect_format, normalize
 
     base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -253,12 +258,6 @@ def run_multimodal_demo(output: str = "runs/demo-multimodal", quick: bool = Fals
                         lm: str = "tiny") -> dict:
     """Run the demo (module docstring) into ``output`` with the language model ``lm`` (a key of
     :data:`LMS`); returns the scores per stage."""
-    from ..data.builtin import TASKS, builtin_records
-    from ..data.templates import get_template
-    from ..models.loading import load_tokenizer, resolve_model_path
-    from ..models.tiny import ensure_tiny, ensure_tiny_pretrained
-    from .data import MediaCache
-    from .run import run_multimodal_recipe
 
     if lm not in LMS:
         raise ConfigError(f"multimodal demo: unknown language model '{lm}'; valid: {', '.join(LMS)}")

@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.tiny import default_cache_root
 from ..util import cached_build
+from .audio import AUDIO_FEATURES, load_audio, pad_audio_features
+from .conformer import save_conformer
+from .model import build_audio_encoder, build_vision_tower
+from .synthetic_audio import make_spoken_digits_dataset
+from .synthetic_images import COLORS, KINDS, make_shapes_dataset
+from .tiling import images_to_tensor
+from .vision import VisionTower, load_vision_model
 
 BUILD_INFO = "mmtune_encoder_pretrain.json"
 VERSION = 1
@@ -41,7 +49,6 @@ def shapes_cell_labels(shapes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kind (9,), colour (9,))`` class ids of a shapes scene, cell by cell in row-major order:
     kind 0 = empty, 1.. = :data:`~mmtune.multimodal.synthetic_images.KINDS`; colour = index in
     ``sorted(COLORS)``, -100 (ignored) on empty cells."""
-    from .synthetic_images import COLORS, KINDS
 
     colours = sorted(COLORS)
     kind = torch.zeros(GRID * GRID, dtype=torch.long)
@@ -71,9 +78,6 @@ def pretrain_vision_tower(tower_dir: Path, out_dir: Path, *, n_images: int = 120
     """Train the SigLIP tower of ``tower_dir`` on shapes scenes (module docstring), save the whole
     tower (all layers, the composed model prunes at load) to ``out_dir``; returns the held-out
     cell accuracies."""
-    from .synthetic_images import COLORS, KINDS, make_shapes_dataset
-    from .tiling import images_to_tensor
-    from .vision import VisionTower, load_vision_model
 
     torch.manual_seed(seed)
     model = load_vision_model(tower_dir)
@@ -136,10 +140,6 @@ def pretrain_conformer(out_dir: Path, audio_cfg, work_dir: Path, *, n_clips: int
     strings (module docstring) and save it to ``out_dir``; returns the held-out exact match."""
     import json
 
-    from .audio import AUDIO_FEATURES, load_audio, pad_audio_features
-    from .conformer import save_conformer
-    from .model import build_audio_encoder
-    from .synthetic_audio import make_spoken_digits_dataset
 
     torch.manual_seed(seed)
     encoder = build_audio_encoder(audio_cfg)
@@ -190,8 +190,6 @@ def ensure_pretrained_encoders(vision_cfg, audio_cfg, cache_root: Path | None = 
     into the cache (atomically): ``{"vision": dir, "audio": dir}``."""
     import json
 
-    from ..models.tiny import default_cache_root
-    from .model import build_vision_tower
 
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     out: dict[str, Path] = {}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import MMTuneError
+from ..models.loading import resolve_dtype, set_offline
 from .checkpoint import CONFIG_FILE, FORMAT, PROCESSOR_FILE
 from .composed import ComposedModel
 from .modalities import owner_of
@@ -65,7 +66,6 @@ def load_composed(directory: str | os.PathLike, dtype: str = "float32", device: 
     returns the model in eval mode; ``True`` leaves trainability to a stage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..models.loading import resolve_dtype, set_offline
 
     d = Path(directory)
     info = _read_json(d / CONFIG_FILE)

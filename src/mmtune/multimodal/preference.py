@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.packing import collate_padded
 from ..data.preference import _response
 from ..data.sources import BadRecordStats, take
 from ..errors import DataError, MMTuneError
@@ -153,7 +154,6 @@ def collate_mm_pairs(pairs: Sequence[dict], pad_id: int) -> dict:
     """Pairs -> ``{"groups": [sub-batch per modality group], "input_ids": flat real tokens}``; in
     a sub-batch rows ``[0, n)`` are chosen, ``[n, 2n)`` rejected, padded (with attention mask),
     and ``ref_logps`` (2n,) when the pairs carry precomputed reference log-probs."""
-    from ..data.packing import collate_padded
 
     groups = []
     for group, idx in split_by_group([p["group"] for p in pairs]).items():

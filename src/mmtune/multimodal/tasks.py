@@ -9,6 +9,14 @@ import json
 import random
 from pathlib import Path
 
+from ..data.builtin import WORDS
+from ..inference.generate import iter_token_ids
+from ..train.scoring import normalize_answer
+from .data import LengthPolicy, collate_mm, encode_mm_sample, normalize_mm_record, prompt_ids
+from .objective import token_accuracy
+from .synthetic_audio import make_spoken_digits_dataset
+from .synthetic_images import make_ocr_dataset, make_shapes_dataset, save_dataset
+
 VQA_CHANCE = {"color": 1 / 5, "count": 1 / 4, "position": 1 / 4}
 IMAGE_SIZE = 64
 
@@ -23,9 +31,6 @@ def _single_object(rec: dict) -> bool:
 def make_demo_data(root: Path, n: tuple[int, ...], seed: int) -> dict[str, Path]:
     """JSONL files (LLaVA style, media beside them) of the demo's five tasks; see the module
     docstring for the subsets. Deterministic in ``seed``."""
-    from ..data.builtin import WORDS
-    from .synthetic_audio import make_spoken_digits_dataset
-    from .synthetic_images import make_ocr_dataset, make_shapes_dataset, save_dataset
 
     n_cap, n_vqa, n_ocr, n_wide, n_asr = n
     shapes = [r for r in make_shapes_dataset(8 * max(n_cap, n_vqa) + 40, seed=seed, size=IMAGE_SIZE)
@@ -51,7 +56,6 @@ def make_demo_data(root: Path, n: tuple[int, ...], seed: int) -> dict[str, Path]
 
 def load_eval_items(jsonl: Path, model, cache, task: str) -> list[dict]:
     """Normalised records of ``jsonl`` with their processed media and reference answer."""
-    from .data import normalize_mm_record
 
     items = []
     for line in jsonl.read_text().splitlines():
@@ -81,9 +85,6 @@ def shuffled(items: list[dict], seed: int = 0) -> list[dict]:
 
 
 def exact_match_items(model, template, items: list[dict], max_new_tokens: int = 16) -> float:
-    from ..inference.generate import iter_token_ids
-    from ..train.scoring import normalize_answer
-    from .data import prompt_ids
 
     if not items:
         return 0.0
@@ -99,8 +100,6 @@ def exact_match_items(model, template, items: list[dict], max_new_tokens: int = 
 
 
 def token_accuracy_items(model, template, items: list[dict], batch_size: int = 16) -> float:
-    from .data import LengthPolicy, collate_mm, encode_mm_sample
-    from .objective import token_accuracy
 
     policy = LengthPolicy(max_length=10_000, truncation=False)
     examples = [encode_mm_sample(it["sample"], it["images"], it["audios"], model, template, policy) for it in items]

@@ -34,10 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.content import content_text, parse_content
 from ..errors import DataError, MMTuneError
-from ..inference.models import ChatModel
+from ..inference.models import ChatModel, load_chat_model
 from ..inference.session import respond
 from ..inference.turns import ENCODER_NAMES, GenerationSettings, InputError, Turn
 from ..multimodal.data import Media
+from . import require
 
 #: Request bodies above this size get a 413 before they are parsed (base64 images are large).
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -228,7 +229,6 @@ def create_app(model: ChatModel, model_name: str | None = None, *, api_key: str 
     that alone is over the limit (``model.max_prompt_tokens`` and the context) is refused with
     ``context_length_exceeded``.
     """
-    from . import require
 
     require("fastapi", "mmtune serve")
     from fastapi import FastAPI, Request
@@ -374,11 +374,9 @@ def serve(model_dir: str, adapter: str | None = None, host: str = "127.0.0.1", p
           template: str = "auto", model_name: str | None = None, max_prompt_tokens: int | None = None,
           api_key: str | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS, log=print) -> None:
     """Load the model and serve it until interrupted (uvicorn)."""
-    from . import require
     uvicorn = require("uvicorn", "mmtune serve")
 
     log(f"loading {model_dir}" + (f" with adapter {adapter}" if adapter else ""))
-    from ..inference.models import load_chat_model
 
     model = load_chat_model(model_dir, adapter, template, model_name, max_prompt_tokens)
     app = create_app(model, model_name, api_key=api_key, default_max_tokens=default_max_tokens)

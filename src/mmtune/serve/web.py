@@ -25,11 +25,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import RECIPE_DIR, list_recipes, load_recipe, load_yaml, resolve_recipe_path
 from ..errors import MMTuneError
 from ..inference.models import ChatModel as ChatBackend
 from ..inference.models import load_chat_model
 from ..inference.session import ChatSession, Reply
 from ..inference.turns import BASE_MODEL, GenerationSettings, Turn, split_attachments
+from . import require
 from .reports import find_reports, read_report, report_label
 from .train_job import TrainJob
 
@@ -222,7 +224,6 @@ def job_status_md(job: TrainJob | None) -> str:
 
 def train_recipes() -> list[str]:
     """Shipped recipes that `mmtune train` runs (continual-learning recipes run with `mmtune continual`)."""
-    from ..config import RECIPE_DIR, list_recipes, load_yaml
 
     names = []
     for name in list_recipes():
@@ -235,7 +236,6 @@ def train_recipes() -> list[str]:
 
 
 def recipe_text(name_or_path: str) -> str:
-    from ..config import resolve_recipe_path
 
     try:
         return resolve_recipe_path(name_or_path).read_text(encoding="utf-8")
@@ -418,7 +418,6 @@ def train_tab(gr, slot: ModelSlot, jobs: JobSlot, header, chat: ChatTab, tabs, r
     timer = gr.Timer(1.0)
 
     def start_training(recipe_name, override_text, do_resume, do_overwrite):
-        from ..config import load_recipe
 
         if jobs.job is not None and jobs.job.alive:
             gr.Warning("A run is already going: stop it first.")
@@ -537,7 +536,6 @@ def build_app(model: str | None = None, adapter: str | None = None, *, template:
               default_recipe: str = "quickstart"):
     """The gradio Blocks app. ``model``/``adapter`` are loaded now (errors surface at start-up);
     ``backend`` serves instead when given (tests, embedding)."""
-    from . import require
 
     gr = require("gradio", "mmtune web")
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.preference import collate_pairs
 from .objectives import OBJECTIVES, LossOutput, Objective, model_inputs
 
 
@@ -177,7 +178,6 @@ def preference_accuracy(model, examples: list[dict], pad_id: int, beta: float = 
     """Share of held-out pairs where the policy gives the chosen response a higher log-prob than
     the rejected one; with a reference (``ref_model``, or a PEFT model's adapters disabled) also
     the share whose implicit reward is higher, and the mean reward margin."""
-    from ..data.preference import collate_pairs
 
     device = next(model.parameters()).device
     was = model.training

@@ -41,7 +41,10 @@ import torch
 
 from ..data.packing import collate_packed, collate_padded
 from ..errors import ConfigError
+from ..models.loading import resolve_dtype
 from .attention import AttentionChoice, choose_attention
+from .fused_ce import FusedCausalLMObjective, unwrap
+from .objectives import objective_data
 
 #: Objectives whose loss is next-token cross-entropy from the output head (what the fused loss replaces).
 FUSABLE = ("sft", "pretrain", "sft-fused")
@@ -115,7 +118,6 @@ def bf16_autocast(precision: str, device: torch.device | str) -> bool:
 def weights_dtype(name: str, device: torch.device | str) -> torch.dtype:
     """``model.dtype`` on ``device``: ``auto`` is bfloat16 on a CUDA GPU that supports it (Ampere
     and newer), else float32 (CPU matmuls in bf16 are slow and lossy)."""
-    from ..models.loading import resolve_dtype
 
     if name == "auto":
         cuda_bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
@@ -195,7 +197,6 @@ def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precisi
 
 def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1) -> SpeedPlan:
     """:func:`plan_speed` for a causal recipe trained on ``device`` by ``world_size`` processes."""
-    from .objectives import objective_data
 
     sequences = objective_data(recipe.objective) == "sequences"
     return plan_speed(device, model_dtype=recipe.model.dtype, precision=recipe.train.precision,
@@ -215,7 +216,6 @@ def causal_collate(plan: SpeedPlan, pad_id: int):
 
 def fused_objective(plan: SpeedPlan):
     """The fused-loss objective of ``plan.loss`` (``liger`` or ``chunked``)."""
-    from .fused_ce import FusedCausalLMObjective
 
     if not plan.fused:
         raise ValueError("the plan's loss is plain; build the recipe's own objective")
@@ -224,7 +224,6 @@ def fused_objective(plan: SpeedPlan):
 
 def decoder_of(model) -> torch.nn.Module:
     """The decoder stack of a causal LM (inside PEFT / DDP wrappers): what torch.compile compiles."""
-    from .fused_ce import unwrap
 
     inner = unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner

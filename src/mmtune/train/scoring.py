@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import torch
 
+from ..data.formats import detect_format, normalize
 from ..errors import MMTuneError
 
 
@@ -56,7 +57,6 @@ def final_answer(text: str, marker: str | None) -> str:
 def exact_match(model, tokenizer, template, records: list[dict], max_new_tokens: int = 32,
                 answer_marker: str | None = "Answer:") -> dict:
     """Exact-match accuracy over records (alpaca / sharegpt / messages), overall and per ``task``."""
-    from ..data.formats import detect_format, normalize
 
     prompts, refs, tasks = [], [], []
     for rec in records:

@@ -18,7 +18,10 @@ from torch import nn
 
 from ...errors import ConfigError, DataError, MMTuneError
 from ..adapters import encoder_lora_spec, inject_encoder_lora
+from ..audio import AUDIO_FEATURES, num_frames, pad_audio_features
+from ..conformer import AUDIO_ENCODERS, build_conformer, load_conformer
 from ..groups import AUDIO_TAG
+from ..projectors import build_projector
 from . import MODALITIES, ModalityPath, stages_use_lora
 
 BUILTIN_AUDIO = "builtin:tiny-conformer"
@@ -63,7 +66,6 @@ class AudioPath(ModalityPath):
 
     def process(self, wave) -> AudioInput:
         """A mono 16 kHz waveform -> features and token count."""
-        from ..audio import AUDIO_FEATURES, num_frames
 
         kind = self.processor.features
         if kind == "whisper":
@@ -89,7 +91,6 @@ class AudioPath(ModalityPath):
     def encode(self, audios: Sequence[AudioInput], route=None, projector: str | None = None) -> torch.Tensor:
         """The clips through the encoder as one padded batch, then each clip's valid frames through
         ``projector`` (default: the route's): ``(sum of num_tokens, H)``, clip by clip."""
-        from ..audio import pad_audio_features
 
         projector = projector or (route.audio_projector if route is not None else None) or SPEECH_PROJECTOR
         batch = pad_audio_features([a.features for a in audios])
@@ -115,7 +116,6 @@ class AudioPath(ModalityPath):
     @classmethod
     def build(cls, audio_cfg, mm_cfg, encoder: nn.Module, hidden: int, dtype: torch.dtype,
               token: str | None = None) -> AudioPath:
-        from ..projectors import build_projector
 
         projector = build_projector(audio_cfg.projector, encoder.hidden_size, hidden).to(dtype)
         projector_vs = None
@@ -170,7 +170,6 @@ class AudioPath(ModalityPath):
 def build_audio_encoder(audio_cfg) -> nn.Module:
     """The configured audio encoder: ``builtin:tiny-conformer`` (random init, seeded), a
     save_conformer directory, or a Whisper checkpoint (encoder: whisper)."""
-    from ..conformer import AUDIO_ENCODERS, build_conformer, load_conformer
 
     if audio_cfg.encoder == "whisper":
         if audio_cfg.path.startswith("builtin:"):

@@ -19,8 +19,12 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, MMTuneError
+from ...util import default_cache_root
 from ..adapters import encoder_lora_spec, inject_encoder_lora
 from ..groups import IMAGE_TAG
+from ..projectors import build_projector
+from ..tiling import internvl_tiles, normalize, phi4_crops
+from ..vision import VisionTower, build_tiny_vision_tower
 from . import MODALITIES, ModalityPath, stages_use_lora
 
 BUILTIN_VISION = "builtin:tiny-siglip"
@@ -51,7 +55,6 @@ class ImageInput:
     def pixel_values(self) -> torch.Tensor:
         """``(N, 3, C, C)`` float32 ``(pixel/255 - mean)/std``, the same arithmetic as
         :meth:`mmtune.multimodal.tiling.TiledImage.pixel_values`."""
-        from ..tiling import normalize
 
         x = self.pixels.float() / 255.0  # (N, 3, C, C)
         if self.global_view is not None:
@@ -72,7 +75,6 @@ class ImageProcessor:
     std: tuple[float, float, float]
 
     def tile(self, image):
-        from ..tiling import internvl_tiles, phi4_crops
 
         if self.tiling == "phi4":
             return phi4_crops(image, crop_size=self.crop_size, max_crops=self.max_crops, patch_size=self.patch_size,
@@ -146,7 +148,6 @@ class ImagePath(ModalityPath):
     @classmethod
     def build(cls, vision_cfg, mm_cfg, encoder: nn.Module, hidden: int, dtype: torch.dtype,
               token: str | None = None) -> ImagePath:
-        from ..projectors import build_projector
 
         projector = build_projector(vision_cfg.projector, encoder.hidden_size, hidden).to(dtype)
         crop = vision_cfg.crop_size or encoder.image_size
@@ -170,7 +171,6 @@ class ImagePath(ModalityPath):
             return super().load_component(directory, component, desc)
         from transformers import CONFIG_MAPPING
 
-        from ..vision import VisionTower
 
         cfg = dict(desc["config"])
         config = CONFIG_MAPPING[cfg.pop("model_type")].from_dict(cfg)
@@ -193,8 +193,6 @@ def _mkdir(p: Path) -> Path:
 
 def build_vision_tower(vision_cfg, cache_root: str | Path | None = None):
     """The configured vision tower: ``builtin:tiny-siglip`` (built once into the cache) or a local dir."""
-    from ...util import default_cache_root
-    from ..vision import VisionTower, build_tiny_vision_tower
 
     path = vision_cfg.path
     if path == BUILTIN_VISION:
