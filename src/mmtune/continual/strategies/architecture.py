@@ -27,7 +27,9 @@ from contextlib import contextmanager
 import torch
 from pydantic import Field
 
+from ...config import AdapterConfig
 from ...errors import ConfigError
+from ...models.adapters import lora_config
 from .base import STRATEGIES, Strategy, StrategySettings, TaskInfo, preserve_trainability, set_trainable
 from .distillation import is_peft
 
@@ -57,17 +59,15 @@ def adapter_name(task_id: int) -> str:
 
 class _PerTaskAdapters(Strategy):
     def lora_config(self):
-        from peft import LoraConfig
-
+        """The task adapters' ``LoraConfig``: the strategy's settings over the recipe's adapter
+        defaults, built by the one LoRA builder (:func:`mmtune.models.adapters.lora_config`)."""
         s, d = self.settings, self.ctx.lora_defaults
-        targets = s.targets if s.targets is not None else d["targets"]
-        if isinstance(targets, str) and targets != "all-linear":
-            targets = [targets]
         keep = s.modules_to_save if s.modules_to_save is not None else d.get("modules_to_save")
-        return LoraConfig(r=s.r or d["r"], lora_alpha=s.alpha or d["alpha"],
-                          lora_dropout=s.dropout if s.dropout is not None else d.get("dropout", 0.0),
-                          target_modules=targets, bias="none", task_type=d.get("task_type"),
-                          modules_to_save=list(keep) or None if keep else None)
+        spec = AdapterConfig(r=s.r or d["r"], alpha=s.alpha or d["alpha"],
+                             dropout=s.dropout if s.dropout is not None else d.get("dropout", 0.0),
+                             targets=s.targets if s.targets is not None else d["targets"],
+                             modules_to_save=list(keep or []))
+        return lora_config(spec, task_type=d.get("task_type"))
 
     def setup(self, model):
         from peft import get_peft_model
