@@ -81,7 +81,6 @@ def _loss_plot(runs: dict[str, Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.2))
     for ax, (name, out) in zip(axes if len(runs) > 1 else [axes], runs.items()):
         rows = [r for r in read_metrics(out) if "loss" in r]

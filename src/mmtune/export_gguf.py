@@ -210,7 +210,6 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, out_type: str = "f1
     from gguf import quants
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-
     if out_type not in GGUF_TYPES:
         raise MMTuneError(f"GGUF type '{out_type}': valid: {', '.join(GGUF_TYPES)}")
     set_offline()

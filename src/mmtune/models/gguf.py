@@ -71,7 +71,6 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-
     src = Path(gguf_file).expanduser()
     if not src.is_file():
         raise MMTuneError(f"GGUF file '{gguf_file}' does not exist")

@@ -29,7 +29,6 @@ def load_for_chat(model_dir: str | Path, adapter_dir: str | Path | None = None, 
     import torch
     from transformers import AutoModelForCausalLM
 
-
     base, adapter, tok_dir = _chat_sources(model_dir, adapter_dir)
     base = resolve_model_path(base)
     set_offline()

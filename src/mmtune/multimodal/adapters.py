@@ -77,7 +77,6 @@ def inject_encoder_lora(module: nn.Module, spec: AdapterSpec | dict) -> nn.Modul
     spec is remembered on the module so that saving and loading re-inject it."""
     from peft import inject_adapter_in_model
 
-
     spec = spec if isinstance(spec, dict) else spec.model_dump()
     targets = spec["targets"]
     if targets == "all-linear":  # every linear layer of the encoder (PEFT's shorthand skips a model's head)

@@ -147,7 +147,6 @@ def builtin_source(name: str, n: int | None = None, seed: int = 0, cache_root: s
 def _write_builtin(base: str, n: int, seed: int, out: Path) -> None:
     import json
 
-
     if base == "spoken-digits":
         make_spoken_digits_dataset(n, seed, out, engine="procedural", jsonl_name="data.jsonl")
         return

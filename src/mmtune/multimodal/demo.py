@@ -247,7 +247,6 @@ def _plain_text_logits(lm_dir: Path, template, records: list[dict]) -> list[torc
     prompts of ``records``: what the router's text route must reproduce to the last bit."""
     from transformers import AutoModelForCausalLM
 
-
     base = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return [base(torch.tensor([template.prompt_ids(normalize(r, detect_format(r))["messages"][:-1])]))

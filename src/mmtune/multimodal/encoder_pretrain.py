@@ -22,6 +22,7 @@ directory, a :func:`~mmtune.multimodal.conformer.save_conformer` directory) and 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -72,6 +73,25 @@ class CellHead(nn.Module):
         return self.kind(cells), self.colour(cells)
 
 
+def _fit(params: list[nn.Parameter], batch_loss, steps: int, lr: float, what: str, log) -> list[float]:
+    """``steps`` AdamW steps (one-cycle schedule, gradients clipped at 1) on ``batch_loss()``, a
+    progress line every 100 steps; returns the losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    for step in range(1, steps + 1):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps:
+            log(f"  {what} {loss.item():.3f} (step {step}/{steps})")
+    return losses
+
+
 def pretrain_vision_tower(tower_dir: Path, out_dir: Path, *, n_images: int = 1200, steps: int = 300,
                           batch_size: int = 32, lr: float = 2e-3, feature_layer: int = -2, seed: int = 0,
                           image_size: int = 64, log=print) -> dict:
@@ -88,24 +108,16 @@ def pretrain_vision_tower(tower_dir: Path, out_dir: Path, *, n_images: int = 120
     kinds, colours = torch.stack([k for k, _ in labels]), torch.stack([c for _, c in labels])  # (N, 9)
     head = CellHead(tower.hidden_size, len(KINDS), len(COLORS))
     params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
-    tower.train()
-    losses = []
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.tensor(rng.sample(range(n_images), batch_size))
         kind_logits, colour_logits = head(tower(pixels[idx]))
-        loss = (F.cross_entropy(kind_logits.flatten(0, 1), kinds[idx].flatten())
+        return (F.cross_entropy(kind_logits.flatten(0, 1), kinds[idx].flatten())
                 + F.cross_entropy(colour_logits.flatten(0, 1), colours[idx].flatten(), ignore_index=-100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps:
-            log(f"  vision tower pretraining step {step}/{steps}: loss {loss.item():.3f}")
+
+    tower.train()
+    losses = _fit(params, batch_loss, steps, lr, "vision tower pretraining: loss", log)
     tower.eval()
     with torch.no_grad():
         kind_logits, colour_logits = head(tower(pixels[n_images:]))
@@ -138,9 +150,6 @@ def pretrain_conformer(out_dir: Path, audio_cfg, work_dir: Path, *, n_clips: int
                        batch_size: int = 16, lr: float = 2e-3, seed: int = 0, log=print) -> dict:
     """Train the builtin Conformer of ``audio_cfg`` (its geometry, its seed) with CTC on spoken digit
     strings (module docstring) and save it to ``out_dir``; returns the held-out exact match."""
-    import json
-
-
     torch.manual_seed(seed)
     encoder = build_audio_encoder(audio_cfg)
     n_eval = min(100, max(8, n_clips // 4))
@@ -151,8 +160,6 @@ def pretrain_conformer(out_dir: Path, audio_cfg, work_dir: Path, *, n_clips: int
     targets = [[int(d) + 1 for d in r["conversations"][1]["value"].split()] for r in recs]
     head = nn.Linear(encoder.hidden_size, 11)
     params = list(encoder.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
 
     def run(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,22 +167,15 @@ def pretrain_conformer(out_dir: Path, audio_cfg, work_dir: Path, *, n_clips: int
         hidden, out_len = encoder(batch.features, batch.lengths)  # (B, T', d)
         return head(hidden).log_softmax(-1), out_len
 
-    encoder.train()
-    losses = []
-    for step in range(1, steps + 1):
+    def batch_loss() -> torch.Tensor:
         idx = rng.sample(range(n_clips), batch_size)
         log_probs, out_len = run(idx)
         tgt = torch.tensor([t for i in idx for t in targets[i]])
         tgt_len = torch.tensor([len(targets[i]) for i in idx])
-        loss = F.ctc_loss(log_probs.transpose(0, 1), tgt, out_len, tgt_len, blank=0, zero_infinity=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps:
-            log(f"  audio encoder pretraining step {step}/{steps}: CTC loss {loss.item():.3f}")
+        return F.ctc_loss(log_probs.transpose(0, 1), tgt, out_len, tgt_len, blank=0, zero_infinity=True)
+
+    encoder.train()
+    losses = _fit(params, batch_loss, steps, lr, "audio encoder pretraining: CTC loss", log)
     encoder.eval()
     held = list(range(n_clips, n_clips + n_eval))
     with torch.no_grad():
@@ -188,9 +188,6 @@ def pretrain_conformer(out_dir: Path, audio_cfg, work_dir: Path, *, n_clips: int
 def ensure_pretrained_encoders(vision_cfg, audio_cfg, cache_root: Path | None = None, log=print) -> dict[str, Path]:
     """The demo's tiny encoders pretrained on the built-in data (module docstring), built once
     into the cache (atomically): ``{"vision": dir, "audio": dir}``."""
-    import json
-
-
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     out: dict[str, Path] = {}
     if vision_cfg is not None:

@@ -66,7 +66,6 @@ def load_composed(directory: str | os.PathLike, dtype: str = "float32", device: 
     returns the model in eval mode; ``True`` leaves trainability to a stage."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     d = Path(directory)
     info = _read_json(d / CONFIG_FILE)
     if info.get("format") != FORMAT:

@@ -215,7 +215,6 @@ class VisionTower(nn.Module):
         hidden = hidden[:, extra:]  # (N, h*w, C): drop CLS (CLIP, ViT) or other prefix tokens
         return hidden.reshape(n, h, w, hidden.shape[-1])  # (N, h, w, C)
 
-
     def _masked_siglip(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         """``hidden_states[feature_layer]`` ``(N, h*w, C)`` of the SigLIP tower with padded patches
         masked as keys and Phi-4's position ids, as Phi4MultimodalVisionModel computes them."""

@@ -171,7 +171,6 @@ class ImagePath(ModalityPath):
             return super().load_component(directory, component, desc)
         from transformers import CONFIG_MAPPING
 
-
         cfg = dict(desc["config"])
         config = CONFIG_MAPPING[cfg.pop("model_type")].from_dict(cfg)
         module = VisionTower.from_config(config, feature_layer=desc["feature_layer"], prune=desc["pruned"])
