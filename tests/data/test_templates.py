@@ -185,3 +185,36 @@ def test_auto_with_an_unknown_template_finds_content_and_terminator(h):
     with pytest.raises(DataError, match="System role not supported") as e:
         t.encode(CONVERSATIONS[1])
     assert e.value.reason == "template_error"
+
+
+def test_fast_span_tokenization_equals_the_per_token_reference(chatml_tokenizer):
+    """tokenize_spans' vectorised fast path (the Rust tokenizer, searchsorted over the spans) gives
+    the ids of ``tokenizer(text)`` and, per token, whether it overlaps a span, as the per-token rule."""
+    import random
+
+    from mmtune.data.templates import tokenize_spans
+
+    rng = random.Random(0)
+    words = ["red", "cat", " sun", "<|im_end|>", "\n", "19.", "héllo", "  ", "<|im_start|>assistant\n"]
+    for _ in range(60):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 2 * rng.randint(0, 3))))
+        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+        ids, mask = tokenize_spans(chatml_tokenizer, text, spans)
+        enc = chatml_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == list(enc["input_ids"])
+        want = [any(a < b2 and max(b, a + 1) > a2 for a2, b2 in spans) for a, b in enc["offset_mapping"]]
+        assert mask == want, (text, spans)
+
+
+def test_common_prefix_length():
+    import os
+    import random
+
+    from mmtune.data.templates import _common_prefix
+
+    rng = random.Random(1)
+    for _ in range(300):
+        a = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        b = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        assert _common_prefix(a, b) == len(os.path.commonprefix([a, b]))

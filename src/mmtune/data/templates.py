@@ -21,11 +21,11 @@ first label is always -100, so a sample's loss is the same alone and inside a pa
 from __future__ import annotations
 
 import abc
-import bisect
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
@@ -145,15 +145,23 @@ def tokenize_spans(tokenizer, text: str, spans: list[Span]) -> tuple[list[int], 
     span boundaries.
     """
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        starts = [a for a, _ in spans]
-        mask = []
-        for a, b in enc["offset_mapping"]:
-            b = max(b, a + 1)  # zero-width tokens count at their position
-            k = bisect.bisect_right(starts, b - 1) - 1  # last span starting before the token ends
-            mask.append(k >= 0 and spans[k][1] > a)
-        return ids, mask
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode"):
+            # The Rust tokenizer directly (what ``tokenizer(text)`` calls, without its per-call overhead).
+            enc = backend.encode(text, add_special_tokens=False)
+            ids, offsets = list(enc.ids), enc.offsets
+        else:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        if not spans or not ids:
+            return ids, [False] * len(ids)
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2) character offsets
+        starts = np.asarray([a for a, _ in spans], dtype=np.int64)
+        ends = np.asarray([b for _, b in spans], dtype=np.int64)
+        tok_end = np.maximum(off[:, 1], off[:, 0] + 1)  # zero-width tokens count at their position
+        k = np.searchsorted(starts, tok_end - 1, side="right") - 1  # last span starting before the token ends
+        mask = (k >= 0) & (ends[np.maximum(k, 0)] > off[:, 0])
+        return ids, mask.tolist()
     ids, mask, pos = [], [], 0
     for a, b in [*spans, (len(text), len(text))]:
         for piece, sup in ((text[pos:a], False), (text[a:b], True)):
@@ -277,7 +285,18 @@ class BuiltinTemplate(ChatTemplate):
 
 
 def _common_prefix(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
+    """Length of the longest common prefix of ``a`` and ``b`` (slice comparisons run in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class TokenizerTemplate(ChatTemplate):
@@ -336,7 +355,10 @@ class TokenizerTemplate(ChatTemplate):
                 pre = None
             if pre is not None and full.startswith(pre) and len(pre) >= pos:
                 start = len(pre)
-                end = _common_prefix(self._render(messages[: i + 1], False), full)
+                if i + 1 == len(messages) and not add_generation_prompt:
+                    end = len(full)  # messages[: i + 1] is the whole conversation: its rendering is ``full``
+                else:
+                    end = _common_prefix(self._render(messages[: i + 1], False), full)
                 end = max(end, start)
             else:
                 c = msg["content"].strip()
