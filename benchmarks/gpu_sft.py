@@ -183,7 +183,7 @@ def mmtune_recipe(model_dir: Path, args, out_dir: Path):
         "data": {"packing": True, "max_length": args.seq},
         "train": {"output_dir": str(out_dir), "batch_size": args.rows, "max_steps": 10**6, "lr": 1e-4,
                   "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": 1.0, "precision": "auto",
-                  "fused_loss": not args.no_fused_ce, "compile": args.compile, "progress": False,
+                  "fused_loss": not args.no_fused_ce, "compile": False if args.dry_run and args.compile == "auto" else args.compile, "progress": False,
                   "tensorboard": False},
     }, "benchmarks/gpu_sft.py")
 
@@ -225,6 +225,7 @@ def run_mmtune(bl, size: str, args, device: torch.device) -> dict:
             return collate(batch)
 
         trainer = build_causal_trainer(recipe, plan, dist, rows, counted, log=lambda *a: None)
+        plan = trainer.speed_plan  # the same plan, its compile choice settled with the model
         n_total = sum(p.numel() for p in trainer.model.parameters())
 
         def step():

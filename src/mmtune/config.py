@@ -130,13 +130,15 @@ class TrainConfig(Section):
     fused_loss: Literal["auto"] | bool = Field(
         "auto", description="Fuse the output head into the cross-entropy (sft / pretrain), so the (tokens, "
         "vocab) logits are never held: Liger-Kernel's fused linear cross-entropy on CUDA when installed (the "
-        "`gpu` extra), else mmtune's chunked one. `auto`: on CUDA GPUs (1.5B packed: 50.7 -> 34.8 GiB at the "
-        "same speed, docs/reference/performance.md#anchor-measurements); on CPU as the objective says (`sft-fused` fuses).")
+        "`gpu` extra), else mmtune's chunked one, which computes the head on supervised positions only. `auto`: "
+        "on (CUDA 1.5B packed: 50.7 -> 34.8 GiB at the same speed, docs/reference/performance.md#anchor-measurements; "
+        "CPU SmolLM2-135M: 1.24x tokens/s, 13.2 -> 11.5 GB, docs/reference/performance.md#cpu-levers).")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the decoder (in place; checkpoints keep their names). `auto`: on a "
         "CUDA GPU in one process, unquantized, with triton installed (1.5B packed + fused CE: 19.1k -> 26.1k "
-        "tokens/s on an H100, docs/reference/performance.md#anchor-measurements); not on CPU, where it was not measured to pay for its "
-        "compile time.")
+        "tokens/s on an H100, docs/reference/performance.md#anchor-measurements); on CPU for packed runs of at "
+        "least 1.5e14 FLOP (6 x parameters x tokens; ~45 steps of SmolLM2-135M at 8 x 512 tokens), where ~3 min of "
+        "compiling buys 1.15x tokens/s and halves activation memory (docs/reference/performance.md#cpu-levers).")
     tensorboard: bool = Field(True, description="Also write TensorBoard events when tensorboard is installed.")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -42,7 +42,10 @@ def test_cpu_plan_is_the_cpu_fast_path():
     plan = plan_speed("cpu")
     assert plan.attention.implementation == "sdpa" and "no CUDA device" in plan.attention.reason
     assert plan.packing == "position_ids" and not plan.varlen
-    assert plan.loss == "plain" and not plan.compile and not plan.gradient_checkpointing
+    # The chunked fused loss by default (faster and smaller on CPU); compile waits for the run's size.
+    assert plan.loss == "chunked" and not plan.compile and not plan.gradient_checkpointing
+    assert "not known" in plan.reasons["compile"]
+    assert plan_speed("cpu", fused_loss=False).loss == "plain"
     assert plan.dtype == torch.float32 and not plan.bf16_autocast
     assert plan.load_kwargs() == {"attn_implementation": "sdpa", "dtype": torch.float32,
                                   "gradient_checkpointing": False}
@@ -52,6 +55,31 @@ def test_cpu_plan_is_the_cpu_fast_path():
     assert plan_speed("cpu", packing=False).packing == "padded"
     lines = plan.lines()
     assert lines[0] == "speed plan on cpu:" and len(lines) == 7 and all(line.strip() for line in lines)
+
+
+def test_cpu_compile_pays_on_long_packed_runs_only(monkeypatch):
+    from mmtune.train.fast_path import CPU_COMPILE_MIN_FLOP, run_work_flop, settle_compile
+
+    long, short = 2 * CPU_COMPILE_MIN_FLOP, CPU_COMPILE_MIN_FLOP / 10
+    assert plan_speed("cpu", work_flop=long).compile and "long packed run" in plan_speed("cpu", work_flop=long).reasons["compile"]
+    assert not plan_speed("cpu", work_flop=short).compile
+    assert "short run" in plan_speed("cpu", work_flop=short).reasons["compile"]
+    assert not plan_speed("cpu", work_flop=long, packing=False).compile  # padded shapes would recompile
+    assert not plan_speed("cpu", work_flop=long, world_size=2).compile
+    assert not plan_speed("cpu", work_flop=long, quantized=True).compile
+    assert not plan_speed("cpu", work_flop=long, compile=False).compile
+    # 60 steps of SmolLM2-135M on 8 rows of 512 tokens is a long run; 5 steps is not.
+    assert run_work_flop(134_515_008, 60, 4096) > CPU_COMPILE_MIN_FLOP > run_work_flop(134_515_008, 5, 4096)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "no C++ compiler" in plan_speed("cpu", work_flop=long).reasons["compile"]
+    monkeypatch.undo()
+    # settle_compile: the CPU auto choice from the work; an explicit setting or CUDA stays as planned.
+    recipe = validate_recipe({})
+    settled = settle_compile(plan_speed("cpu"), recipe, long)
+    assert settled.compile and settled.loss == plan_speed("cpu").loss
+    assert not settle_compile(plan_speed("cpu"), recipe, short).compile
+    pinned = validate_recipe({"train": {"compile": False}})
+    assert not settle_compile(plan_speed("cpu", compile=False), pinned, long).compile
 
 
 def test_gpu_plan_takes_flash_varlen_liger_bf16_and_compile(fake_gpu):

@@ -36,20 +36,22 @@ def test_mmtune_train_on_cpu_takes_the_cpu_fast_path(tmp_path, built, monkeypatc
     assert main(["train", "quickstart", *OVERRIDES, f"train.output_dir={tmp_path / 'a'}", "train.compile=true"]) == 0
     plan, trainer = built["plan"], built["trainer"]
     assert (plan.device.type, plan.attention.implementation, plan.packing, plan.loss) == (
-        "cpu", "sdpa", "position_ids", "plain")
+        "cpu", "sdpa", "position_ids", "chunked")
+    assert trainer.speed_plan.compile  # train.compile=true, kept when the plan is settled
     assert "speed plan on cpu:" in capsys.readouterr().out  # logged once at the start
     base = trainer.model.get_base_model()
     assert base.config._attn_implementation == "sdpa" and base.dtype == torch.float32
     batch = trainer.collate_fn(trainer.train_rows[:2])
     assert "position_ids" in batch and "attention_mask" not in batch and not set(VARLEN_KEYS) & set(batch)
-    assert type(trainer.objective).__name__ == "CausalLMObjective"
+    assert type(trainer.objective).__name__ == "FusedCausalLMObjective" and trainer.objective.backend == "chunked"
     # train.compile=true compiled the decoder stack (in place: the checkpoint names are the usual ones).
     assert compiled == [base.model] and plan.compile
     assert any(k.startswith("model.layers.0.") for k in base.state_dict())
 
-    # The recipe's kernel and the fused loss reach from_pretrained and the objective.
+    # The recipe's kernel reaches from_pretrained; train.fused_loss=false gives the plain objective.
     assert main(["train", "quickstart", *OVERRIDES, f"train.output_dir={tmp_path / 'b'}",
-                 "model.attn_implementation=eager", "train.fused_loss=true", "train.max_steps=1"]) == 0
+                 "model.attn_implementation=eager", "train.fused_loss=false", "train.max_steps=1"]) == 0
     trainer = built["trainer"]
     assert trainer.model.get_base_model().config._attn_implementation == "eager"
-    assert type(trainer.objective).__name__ == "FusedCausalLMObjective" and trainer.objective.backend == "chunked"
+    assert type(trainer.objective).__name__ == "CausalLMObjective" and trainer.speed_plan.loss == "plain"
+    assert not trainer.speed_plan.compile and "short run" in trainer.speed_plan.reasons["compile"]

@@ -7,9 +7,14 @@ settings; the run logs the plan once at its start (:meth:`SpeedPlan.lines`), and
 build their run with the same plan and the same functions
 (:func:`mmtune.workflows.causal.build_causal_trainer`).
 
-On CPU (the fast path there): sdpa with the block-diagonal causal mask that transformers
-derives from the packed rows' ``position_ids``, weights in ``model.dtype`` (fp32 by default),
-the loss the objective names (``sft-fused``: the chunked fused loss), no compile.
+On CPU (the fast path there; measured on SmolLM2-135M, LoRA r16, 8 packed rows of 512 tokens,
+2 cores, docs/reference/performance.md#cpu-levers): sdpa with the block-diagonal causal mask
+that transformers derives from the packed rows' ``position_ids`` (torch's CPU flash kernel),
+fp32 weights and no autocast (without native bf16, AVX2, a bf16 step was over 4x slower),
+mmtune's chunked fused cross-entropy, which computes the head only on supervised positions
+(1.24x tokens/s, 13.2 -> 11.5 GB peak RSS), and ``torch.compile`` of the decoder on long packed
+runs (``CPU_COMPILE_MIN_FLOP``): about 3 minutes of compiling on 2 cores buys 1.15x tokens/s and,
+because the compiled backward recomputes elementwise ops instead of keeping them, 11.5 -> 6.3 GB.
 
 On a CUDA GPU:
 
@@ -34,7 +39,8 @@ package is missing falls back, and the plan says so.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -48,6 +54,10 @@ from .objectives import objective_data
 
 #: Objectives whose loss is next-token cross-entropy from the output head (what the fused loss replaces).
 FUSABLE = ("sft", "pretrain", "sft-fused")
+#: ``train.compile: auto`` on CPU compiles runs of at least this much work (6 x parameters x
+#: tokens): compiling SmolLM2-135M took ~170 s on 2 cores and saved ~4.5 s of a 27.5 s step, so it
+#: pays back after ~38 steps of 4096 tokens (1.25e14 FLOP); the threshold is 1.2x that.
+CPU_COMPILE_MIN_FLOP = 1.5e14
 PACKING_MODES = ("varlen", "position_ids", "padded")
 LOSSES = ("liger", "chunked", "plain")
 
@@ -141,23 +151,24 @@ def _choose_loss(objective: str, fused_loss, cuda: bool) -> tuple[str, str]:
             raise ConfigError("train.fused_loss=false contradicts objective sft-fused (the fused loss); "
                               "use objective sft, or drop train.fused_loss")
         return "plain", "train.fused_loss=false"
-    wanted = fused_loss is True or objective == "sft-fused" or (fused_loss == "auto" and cuda)
-    if not wanted:
-        return "plain", "auto on CPU: the objective as named (objective sft-fused, or train.fused_loss=true, fuses)"
-    why = "as requested" if (fused_loss is True or objective == "sft-fused") else "auto on CUDA"
+    why = "as requested" if (fused_loss is True or objective == "sft-fused") else f"auto on {'CUDA' if cuda else 'CPU'}"
+    if not cuda:
+        return "chunked", (f"{why}: mmtune's chunked linear cross-entropy on the supervised positions only, "
+                           "no (tokens, vocab) logits held")
     if cuda and liger_available():
         return "liger", f"{why}: Liger-Kernel's fused linear cross-entropy, no (tokens, vocab) logits held"
     missing = "; liger-kernel is not installed (pip install 'mmtune[gpu]')" if cuda else ""
     return "chunked", f"{why}: mmtune's chunked linear cross-entropy, no (tokens, vocab) logits held{missing}"
 
 
-def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool) -> tuple[bool, str]:
+def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool, packed: bool,
+                    work_flop: float | None) -> tuple[bool, str]:
     if compile is True:
         return True, "train.compile=true"
     if compile is False:
         return False, "train.compile=false"
     if not cuda:
-        return False, "auto: CUDA only (on CPU it was not measured to pay for its compile time)"
+        return _choose_cpu_compile(world_size, quantized, packed, work_flop)
     if world_size > 1:
         return False, "auto: one process only (set train.compile=true to compile under DDP/FSDP)"
     if quantized:
@@ -167,14 +178,36 @@ def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool) -> tu
     return True, "auto on CUDA: the decoder, in place (1.5B packed: +37% tokens/s, docs/reference/performance.md#anchor-measurements)"
 
 
+def _choose_cpu_compile(world_size: int, quantized: bool, packed: bool, work_flop: float | None) -> tuple[bool, str]:
+    if world_size > 1 or quantized:
+        return False, "auto on CPU: one process, unquantized weights only"
+    if not packed:
+        return False, "auto on CPU: packed rows only (padded batches change shape and recompile)"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return False, "auto on CPU: no C++ compiler for torch.compile's CPU code"
+    if work_flop is None:
+        return False, "auto on CPU: the run's size is not known yet"
+    if work_flop < CPU_COMPILE_MIN_FLOP:
+        return False, (f"auto on CPU: a short run ({work_flop:.1e} FLOP < {CPU_COMPILE_MIN_FLOP:.0e}); "
+                       "compiling takes minutes and pays back only on longer runs")
+    return True, (f"auto on CPU: a long packed run ({work_flop:.1e} FLOP): 1.15x tokens/s and about half "
+                  "the activation memory for ~3 min of compiling (docs/reference/performance.md#cpu-levers)")
+
+
+def run_work_flop(n_params: int, steps: int, tokens_per_step: int) -> float:
+    """Training work of a run, 6 x parameters x tokens (forward and backward)."""
+    return 6.0 * n_params * steps * tokens_per_step
+
+
 def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precision: str = "auto",
                attention: str = "auto", packing: bool = True, objective: str = "sft", fused_loss="auto",
                compile="auto", gradient_checkpointing: bool = False, world_size: int = 1,
-               quantized: bool = False) -> SpeedPlan:
+               quantized: bool = False, work_flop: float | None = None) -> SpeedPlan:
     """The speed plan for training on ``device``. Arguments are the recipe's settings
     (``model.dtype``, ``train.precision``, ``model.attn_implementation``, ``data.packing`` for an
     objective that trains on sequences, ``objective``, ``train.fused_loss``, ``train.compile``,
-    ``model.gradient_checkpointing``) and the run's number of processes; see the module docstring."""
+    ``model.gradient_checkpointing``), the run's number of processes and, once known, its work
+    (:func:`run_work_flop`; ``compile: auto`` on CPU needs it); see the module docstring."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     dtype = weights_dtype(model_dtype, device)
@@ -187,7 +220,7 @@ def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precisi
     else:
         mode, why_packing = "position_ids", "packed rows, positions restart per sample (block-diagonal mask)"
     loss, why_loss = _choose_loss(objective, fused_loss, cuda)
-    compiled, why_compile = _choose_compile(compile, cuda, world_size, quantized)
+    compiled, why_compile = _choose_compile(compile, cuda, world_size, quantized, mode != "padded", work_flop)
     precision_why = f"model.dtype={model_dtype}, train.precision={precision}"
     gc_why = "model.gradient_checkpointing" + ("" if gradient_checkpointing else " is off (memory for speed)")
     return SpeedPlan(device, dtype, autocast, attn, mode, loss, compiled, gradient_checkpointing,
@@ -195,7 +228,8 @@ def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precisi
                       "gradient_checkpointing": gc_why})
 
 
-def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1) -> SpeedPlan:
+def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1,
+                    work_flop: float | None = None) -> SpeedPlan:
     """:func:`plan_speed` for a causal recipe trained on ``device`` by ``world_size`` processes."""
 
     sequences = objective_data(recipe.objective) == "sequences"
@@ -203,7 +237,17 @@ def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1) -> 
                       attention=recipe.model.attn_implementation, packing=recipe.data.packing and sequences,
                       objective=recipe.objective, fused_loss=recipe.train.fused_loss, compile=recipe.train.compile,
                       gradient_checkpointing=recipe.model.gradient_checkpointing, world_size=world_size,
-                      quantized=recipe.model.quantization != "none")
+                      quantized=recipe.model.quantization != "none", work_flop=work_flop)
+
+
+def settle_compile(plan: SpeedPlan, recipe, work_flop: float, world_size: int = 1) -> SpeedPlan:
+    """``plan`` with the compile decision taken now that the run's work is known (the model is
+    loaded, the rows are counted): ``train.compile: auto`` on CPU depends on it."""
+    if plan.device.type == "cuda" or recipe.train.compile != "auto":
+        return plan
+    compiled, why = _choose_compile("auto", False, world_size, recipe.model.quantization != "none",
+                                    plan.packing != "padded", work_flop)
+    return replace(plan, compile=compiled, reasons={**plan.reasons, "compile": why})
 
 
 def causal_collate(plan: SpeedPlan, pad_id: int):

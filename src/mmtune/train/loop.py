@@ -76,6 +76,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batches_per_epoch(cfg, n_rows: int, world: int = 1) -> int:
+    """Micro-batches per epoch of ``n_rows`` training rows (``cfg``: a :class:`TrainConfig`)."""
+    return max(1, math.ceil(n_rows / (cfg.batch_size * world)))
+
+
+def planned_steps(cfg, n_rows: int, world: int = 1) -> int:
+    """Optimizer steps a run of ``cfg`` over ``n_rows`` rows takes: ``max_steps``, else the epochs."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch(cfg, n_rows, world) / cfg.grad_accum))
+
+
 class Trainer:
     """Train ``model`` on ``train_rows`` with ``objective``.
 
@@ -123,12 +135,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if len(train_rows) == 0:
             raise MMTuneError("no training examples left after data preparation; see the data report above")
-        global_batch = cfg.batch_size * self.world
-        self.batches_per_epoch = max(1, math.ceil(len(train_rows) / global_batch))
-        if cfg.max_steps is not None:
-            self.total_steps = cfg.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        self.batches_per_epoch = batches_per_epoch(cfg, len(train_rows), self.world)
+        self.total_steps = planned_steps(cfg, len(train_rows), self.world)
         self.optimizer = build_optimizer(model, cfg, optimizer_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0  # optimizer steps done

@@ -18,8 +18,15 @@ from ..evaluation import eval_causal
 from ..models.adapters import trainable_summary
 from ..models.loading import load_model, load_tokenizer, resolve_model_path
 from ..registry import WORKFLOWS
-from ..train.fast_path import causal_collate, compile_decoder, fused_objective, plan_for_recipe
-from ..train.loop import Trainer, seed_everything
+from ..train.fast_path import (
+    causal_collate,
+    compile_decoder,
+    fused_objective,
+    plan_for_recipe,
+    run_work_flop,
+    settle_compile,
+)
+from ..train.loop import Trainer, planned_steps, seed_everything
 from ..train.objectives import OBJECTIVES
 from ..train.scoring import greedy_answers
 from .base import RunContext, Workflow
@@ -67,24 +74,34 @@ def make_dpo_objective(recipe, model, rows, collate, log=print, eval_rows=()):
     return OBJECTIVES.get("dpo").from_recipe(recipe, model, rows, collate, log, eval_rows)
 
 
-def build_causal_model(recipe, plan, log=print):
+def build_causal_model(recipe, plan, log=print, n_rows: int | None = None, world_size: int = 1):
     """The model a causal run trains: loaded with the speed plan's dtype, attention kernel and
-    checkpointing, adapted, on the plan's device, its decoder compiled when the plan says so."""
+    checkpointing, adapted, on the plan's device, its decoder compiled when the plan says so.
+    Returns ``(model, plan)``: with ``n_rows`` (the training rows) the plan's compile choice is
+    settled from the run's work (``train.compile: auto`` on CPU, :func:`settle_compile`)."""
     model = load_model(recipe.model, recipe.adapter, training=True, **plan.load_kwargs())
     if recipe.model.quantization == "none":
         model = model.to(plan.device)
+    if n_rows is not None:
+        n_params = sum(p.numel() for p in model.parameters())
+        tokens = recipe.train.batch_size * recipe.train.grad_accum * world_size * recipe.data.max_length
+        plan = settle_compile(plan, recipe, run_work_flop(n_params, planned_steps(recipe.train, n_rows, world_size),
+                                                          tokens), world_size)
     if plan.compile:
         compile_decoder(model)
     log(trainable_summary(model))
-    return model
+    return model, plan
 
 
 def build_causal_trainer(recipe, plan, dist, rows, collate, *, eval_rows=None, log=print, **trainer_kwargs) -> Trainer:
     """Model (:func:`build_causal_model`), objective (the fused loss when the plan says so),
     distributed wrapper and :class:`Trainer` of a causal run: ``mmtune train`` and
     ``benchmarks/gpu_sft.py`` both build their run here. ``trainer_kwargs`` go to the Trainer
-    (tokenizer, generate_fn, stop_flag, meta); checkpoints carry ``recipe``."""
-    model = build_causal_model(recipe, plan, log)
+    (tokenizer, generate_fn, stop_flag, meta); checkpoints carry ``recipe``. The plan, its compile
+    choice settled (:func:`build_causal_model`), is logged here and kept as ``trainer.speed_plan``."""
+    model, plan = build_causal_model(recipe, plan, log, n_rows=len(rows), world_size=dist.world_size)
+    for line in plan.lines():
+        log(line)
     objective_cls = OBJECTIVES.get(recipe.objective)
     objective = (fused_objective(plan) if plan.fused
                  else objective_cls.from_recipe(recipe, model, rows, collate, log, eval_rows or ()))
@@ -96,6 +113,7 @@ def build_causal_trainer(recipe, plan, dist, rows, collate, *, eval_rows=None, l
                       recipe=recipe.model_dump(mode="json"), train_module=par.train_module, device=dist.device,
                       **trainer_kwargs)
     par.attach(trainer)
+    trainer.speed_plan = plan
     return trainer
 
 
@@ -114,9 +132,7 @@ class CausalWorkflow(Workflow):
         tokenizer = load_tokenizer(base_dir)
         template = get_template(recipe.data.template, tokenizer, recipe.data.system_prompt)
         objective_cls = OBJECTIVES.get(recipe.objective)
-        plan = plan_for_recipe(recipe, dist.device, dist.world_size)
-        for line in plan.lines():
-            log(line)
+        plan = plan_for_recipe(recipe, dist.device, dist.world_size)  # compile settled with the model
         if objective_cls.data == "pairs":
             rows, eval_rows, collate = build_preference_data(recipe, template, log)
         else:
@@ -138,7 +154,7 @@ class CausalWorkflow(Workflow):
         for s in result.get("samples", []):
             log(f"  > {s['prompt']!r} -> {s['output']!r}")
         log(f"final weights: {final}   chat: mmtune chat {final}")
-        return {**result, "final_dir": str(final), "trainer": trainer, "speed_plan": plan}
+        return {**result, "final_dir": str(final), "trainer": trainer, "speed_plan": trainer.speed_plan}
 
     def evaluate(self, recipe, checkpoint: str | None = None, max_new_tokens: int = 32) -> dict:
         return eval_causal(recipe, checkpoint, max_new_tokens)
