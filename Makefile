@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,qlora,web,minilm,real
 
-.PHONY: install sysdeps demo demo-multimodal test test-slow lint bench readme-layout clean
+.PHONY: install sysdeps demo demo-multimodal test test-slow lint bench bench-peers readme-layout clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sft_throughput.py
+
+# mmtune beside TRL, LLaMA-Factory and plain transformers + PEFT on SmolLM2-135M (their own venvs in .peers/).
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers.py --install --json runs/peers.json
 
 # Regenerate README.md's layout section from the module docstrings (tests/test_docs.py checks it).
 readme-layout:
