@@ -52,10 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ("mmtune", "trl", "trl-packing", "llamafactory", "hf-peft")
 #: The peers' own environments: pinned versions, installed by ``--install`` (torch pinned as mmtune's).
 PEER_VENVS = {
-    "trl": ["torch==2.13.0", "trl==1.16.0", "transformers==5.23.0", "peft==0.21.2", "datasets==4.4.1",
-            "accelerate==1.12.0"],
+    "trl": ["torch==2.13.0", "trl==1.16.0", "transformers==5.23.0", "peft==0.21.2", "datasets==5.2.0",
+            "accelerate==1.16.0"],
     # LLaMA-Factory 0.9.5 caps transformers at 5.6.0 and peft at 0.18.1.
-    "llamafactory": ["torch==2.13.0", "llamafactory==0.9.5", "transformers==5.6.0", "peft==0.18.1"],
+    "llamafactory": ["torch==2.13.0", "llamafactory==0.9.5", "transformers==5.6.0", "peft==0.18.1",
+                     "datasets==4.0.0", "accelerate==1.11.0"],
 }
 VENV_OF = {"trl": "trl", "trl-packing": "trl", "llamafactory": "llamafactory"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
