@@ -242,7 +242,8 @@ def test_train_tab_runs_stops_and_opens_the_result(web, page, tmp_path):
     open_chat(page, web.url)
     page.get_by_role("tab", name="Train").click()
     page.locator("#mm-overrides textarea").fill(
-        f"train.output_dir={out}\ntrain.max_steps=300\ntrain.eval_every=2\ntrain.save_every=1000")
+        # quickstart trains full weights; a LoRA run shows its adapter in the route badge once opened
+        f"train.output_dir={out}\ntrain.max_steps=300\ntrain.eval_every=2\ntrain.save_every=1000\nadapter.type=lora")
     page.locator("#mm-start").click()
     progress = page.locator("#mm-progress")
     progress.wait_for(timeout=60_000)
