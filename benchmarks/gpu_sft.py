@@ -176,6 +176,8 @@ def mmtune_recipe(model_dir: Path, args, out_dir: Path):
     """The recipe ``mmtune train`` would run for this measurement (validated by the same schema)."""
     from mmtune.config import validate_recipe
 
+    # A CPU dry run is a smoke test: no minutes of compiling unless --compile true asks for it.
+    compile_ = False if args.dry_run and args.compile == "auto" else args.compile
     return validate_recipe({
         "model": {"path": str(model_dir), "dtype": "auto", "attn_implementation": args.attn,
                   "gradient_checkpointing": args.gc},
@@ -183,7 +185,7 @@ def mmtune_recipe(model_dir: Path, args, out_dir: Path):
         "data": {"packing": True, "max_length": args.seq},
         "train": {"output_dir": str(out_dir), "batch_size": args.rows, "max_steps": 10**6, "lr": 1e-4,
                   "warmup_steps": 0, "scheduler": "constant", "max_grad_norm": 1.0, "precision": "auto",
-                  "fused_loss": not args.no_fused_ce, "compile": False if args.dry_run and args.compile == "auto" else args.compile, "progress": False,
+                  "fused_loss": not args.no_fused_ce, "compile": compile_, "progress": False,
                   "tensorboard": False},
     }, "benchmarks/gpu_sft.py")
 

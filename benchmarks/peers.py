@@ -31,7 +31,7 @@ interpreter's environment.
     python benchmarks/peers.py --runners mmtune,mmtune:train.fused_loss=false --rounds 1   # a lever
     python benchmarks/peers.py --prep-only                     # data preparation samples/s only
 
-``RUNNER:KEY=VALUE[,KEY=VALUE]`` runs mmtune with recipe overrides (the CPU levers in
+``mmtune:KEY=VALUE[+KEY=VALUE]`` runs mmtune with recipe overrides (the CPU levers in
 docs/reference/performance.md were measured that way).
 """
 
@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # mmtune's runner and the job's data; the peers' children never import it
 RUNNERS = ("mmtune", "trl", "trl-packing", "llamafactory", "hf-peft")
 #: The peers' own environments: pinned versions, installed by ``--install`` (torch pinned as mmtune's).
 PEER_VENVS = {
@@ -68,7 +70,6 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     of log-normal length before the question (median 4 short documents) and an answer followed by
     a log-normal number of explanatory sentences (median 2), as in real instruction data: most
     samples are short, a few long."""
-    sys.path.insert(0, str(ROOT / "src"))
     from mmtune.data.builtin import corpus, instruction_mix
 
     rng = random.Random(seed)
@@ -392,7 +393,11 @@ def parse_runner(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     if name not in RUNNERS:
         raise SystemExit(f"--runners: unknown runner {name!r}; valid: {', '.join(RUNNERS)}")
-    overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
+    pairs = [kv for kv in rest.split("+") if kv]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise SystemExit(f"--runners {text}: {bad[0]!r} is not KEY=VALUE (join several with +)")
+    overrides = dict(kv.split("=", 1) for kv in pairs)
     if overrides and name != "mmtune":
         raise SystemExit(f"--runners {text}: recipe overrides apply to mmtune only")
     return name, overrides
@@ -400,7 +405,7 @@ def parse_runner(text: str) -> tuple[str, dict]:
 
 def run_one(label: str, args, model_dir: str, data: Path, work: Path, rnd: int) -> dict:
     name, overrides = parse_runner(label)
-    run_dir = work / f"{label.replace(':', '_').replace('=', '-').replace(',', '+')}-r{rnd}"
+    run_dir = work / f"{label.replace(':', '_').replace('=', '-')}-r{rnd}"
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {"runner": name, "overrides": overrides, "model": model_dir, "data": str(data), "steps": args.steps,
             "batch": args.batch, "max_length": args.max_length, "lr": 2e-4, "seed": 42, "device": args.device,
@@ -454,7 +459,6 @@ def table(rows: dict[str, list[dict]], ref: str = "trl") -> str:
 def prep_throughput(model_dir: str, data: Path, max_length: int, work: Path, num_proc: int) -> dict:
     """Samples/s of mmtune's data preparation (load, template, tokenize, pack) on the job's
     records: cold (``num_proc`` workers, no cache) and warm (the content-hash cache)."""
-    sys.path.insert(0, str(ROOT / "src"))
     from mmtune.config import DataConfig
     from mmtune.data.packing import pack_examples
     from mmtune.data.tokenize import build_datasets
@@ -465,8 +469,6 @@ def prep_throughput(model_dir: str, data: Path, max_length: int, work: Path, num
     cache = work / "prep-cache"
     for label, procs in (("cold, 1 process", 1), (f"cold, {num_proc} processes", num_proc), ("warm cache", num_proc)):
         if label.startswith("cold") and cache.exists():
-            import shutil
-
             shutil.rmtree(cache)
         cfg = DataConfig(sources=[{"path": str(data)}], max_length=max_length, num_proc=procs, cache_dir=str(cache))
         t = time.perf_counter()
@@ -508,15 +510,13 @@ def main(argv=None) -> int:
                 rows.setdefault(res["label"], []).append(summarise(res))
         print(table(rows))
         return 0
-    labels = [r.strip().replace("+", ",") for r in args.runners.split(",") if r.strip()]
-    labels = _regroup(labels)
+    labels = [r.strip() for r in args.runners.split(",") if r.strip()]
     if args.install:
         install(args.venvs, [parse_runner(label)[0] for label in labels])
     for label in labels:
         py = python_of(parse_runner(label)[0], args.venvs)
         if not Path(py).exists():
             raise SystemExit(f"{label}: no virtualenv at {Path(py).parents[1]}; run with --install")
-    sys.path.insert(0, str(ROOT / "src"))
     from mmtune.models.loading import resolve_model_path
 
     model_dir = str(resolve_model_path(args.model))
@@ -550,17 +550,6 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"job": stats, "prep_samples_per_s": prep, "runs": raw,
                                          "summary": results}, indent=1))
     return 0
-
-
-def _regroup(labels: list[str]) -> list[str]:
-    """``mmtune:a=1,b=2`` was split at its commas by ``--runners``; join the KEY=VALUE parts back."""
-    out: list[str] = []
-    for part in labels:
-        if "=" in part and ":" not in part and out:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ peers' virtualenvs and minutes per run (``python benchmarks/peers.py --install``
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
@@ -13,15 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def peers():
-    spec = importlib.util.spec_from_file_location("peers", ROOT / "benchmarks" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def peers(load_benchmark):
+    return load_benchmark("peers")
 
 
 def test_chat_records_have_a_long_tail(peers):
@@ -72,9 +66,10 @@ def test_summary_skips_the_warm_up_step_and_table_ratios(peers):
 
 def test_runner_labels(peers):
     assert peers.parse_runner("trl") == ("trl", {})
-    assert peers.parse_runner("mmtune:train.fused_loss=false,data.packing=false") == (
+    assert peers.parse_runner("mmtune:train.fused_loss=false+data.packing=false") == (
         "mmtune", {"train.fused_loss": "false", "data.packing": "false"})
-    assert peers._regroup(["mmtune:a=1", "b=2", "trl"]) == ["mmtune:a=1,b=2", "trl"]
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        peers.parse_runner("mmtune:train.compile")
     with pytest.raises(SystemExit):
         peers.parse_runner("axolotl")
     with pytest.raises(SystemExit):

@@ -155,10 +155,10 @@ def _choose_loss(objective: str, fused_loss, cuda: bool) -> tuple[str, str]:
     if not cuda:
         return "chunked", (f"{why}: mmtune's chunked linear cross-entropy on the supervised positions only, "
                            "no (tokens, vocab) logits held")
-    if cuda and liger_available():
+    if liger_available():
         return "liger", f"{why}: Liger-Kernel's fused linear cross-entropy, no (tokens, vocab) logits held"
-    missing = "; liger-kernel is not installed (pip install 'mmtune[gpu]')" if cuda else ""
-    return "chunked", f"{why}: mmtune's chunked linear cross-entropy, no (tokens, vocab) logits held{missing}"
+    return "chunked", (f"{why}: mmtune's chunked linear cross-entropy, no (tokens, vocab) logits held; "
+                       "liger-kernel is not installed (pip install 'mmtune[gpu]')")
 
 
 def _choose_compile(compile, cuda: bool, world_size: int, quantized: bool, packed: bool,
@@ -228,16 +228,16 @@ def plan_speed(device: torch.device | str, *, model_dtype: str = "auto", precisi
                       "gradient_checkpointing": gc_why})
 
 
-def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1,
-                    work_flop: float | None = None) -> SpeedPlan:
-    """:func:`plan_speed` for a causal recipe trained on ``device`` by ``world_size`` processes."""
+def plan_for_recipe(recipe, device: torch.device | str, world_size: int = 1) -> SpeedPlan:
+    """:func:`plan_speed` for a causal recipe trained on ``device`` by ``world_size`` processes; the
+    CPU compile choice waits for the run's work (:func:`settle_compile`)."""
 
     sequences = objective_data(recipe.objective) == "sequences"
     return plan_speed(device, model_dtype=recipe.model.dtype, precision=recipe.train.precision,
                       attention=recipe.model.attn_implementation, packing=recipe.data.packing and sequences,
                       objective=recipe.objective, fused_loss=recipe.train.fused_loss, compile=recipe.train.compile,
                       gradient_checkpointing=recipe.model.gradient_checkpointing, world_size=world_size,
-                      quantized=recipe.model.quantization != "none", work_flop=work_flop)
+                      quantized=recipe.model.quantization != "none")
 
 
 def settle_compile(plan: SpeedPlan, recipe, work_flop: float, world_size: int = 1) -> SpeedPlan:
